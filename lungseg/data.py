@@ -13,9 +13,11 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'CTFileError', 'CTVolume', 'volume_suffix', 'volume_stem', 'read_volume',
-           'write_volume', 'write_dicom_series', 'Case', 'check_mask', 'load_case_folder', 'write_case_folder',
-           'lidc_dir', 'find_lidc']
+__all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'CTFileError', 'CTVolume', 'volume_suffix', 'volume_stem',
+           'read_volume', 'write_volume', 'write_dicom_series', 'Case', 'check_mask', 'load_case_folder',
+           'write_case_folder', 'lidc_dir', 'find_lidc', 'resample_volume', 'read_luna_csv', 'luna_to_voxel',
+           'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'extract_slices', 'normalize_hu', 'SliceDataset',
+           'kfold_split', 'holdout_split']
 
 # %% ../nbs/01_data.ipynb #c007
 class CTFileError(ValueError):
@@ -197,7 +199,10 @@ def _read_dicom_folder(folder:Path) -> sitk.Image:
     files = [f for f in folder.iterdir() if not f.name.startswith('.')]
     if not files:
         raise CTFileError(folder, "is an empty folder; expected a DICOM series (one file per slice)")
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    quiet = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)   # ITK would print 'No Series were found' to stderr
+    try: ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    finally: sitk.ProcessObject.SetGlobalWarningDisplay(quiet)
     if not ids:
         raise CTFileError(folder, f"holds no DICOM series ({len(files)} entries, none readable as DICOM)",
                           f"Pass a volume file ({', '.join(READ_SUFFIXES[:-1])}) or a folder of DICOM slices")
@@ -425,3 +430,318 @@ def find_lidc() -> Path|None:
     if os.environ.get('CI'):
         raise FileNotFoundError(f"{d}: the LIDC sample is missing and CI is set; set LUNGSEG_LIDC_DIR to the lidc-nodules folder")
     return None
+
+# %% ../nbs/01_data.ipynb #c046
+def resample_volume(vol:CTVolume, # the volume to resample
+                    spacing, # new (z, y, x) spacing in mm
+                    order:int=1, # interpolation: 1 = linear (CT), 0 = nearest (masks)
+                    fill:float=-1000.) -> CTVolume: # value outside the old grid (air)
+    "Resample `vol` onto a grid with another spacing and the same origin, direction and physical extent."
+    from scipy import ndimage
+    spacing = tuple(float(s) for s in spacing)
+    shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(vol.shape, vol.spacing, spacing))
+    scale = [t / s for s, t in zip(vol.spacing, spacing)]  # output index -> input index
+    arr = ndimage.affine_transform(vol.array.astype(np.float32), scale, output_shape=shape, order=order, mode='constant', cval=fill)
+    if np.issubdtype(vol.array.dtype, np.integer): arr = np.round(arr).astype(vol.array.dtype)
+    return CTVolume(arr, spacing, vol.origin, vol.direction.copy(), None)
+
+# %% ../nbs/01_data.ipynb #c050
+LUNA_COLUMNS = {'annotations': ('seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm'),
+                'candidates': ('seriesuid', 'coordX', 'coordY', 'coordZ', 'class')}
+
+def read_luna_csv(path, # annotations.csv or candidates.csv
+                  kind:str='annotations' # 'annotations' or 'candidates'
+                 ) -> pd.DataFrame:
+    "Read a LUNA16 CSV, checking its columns and values; adds `line` (the line number in the file, for messages)."
+    path = Path(path)
+    if kind not in LUNA_COLUMNS: raise ValueError(f"kind must be one of {list(LUNA_COLUMNS)}, got {kind!r}")
+    if not path.exists(): raise CTFileError(path, "does not exist", f"LUNA16's {kind}.csv lies next to the subset folders")
+    try: df = pd.read_csv(path)
+    except Exception as e: raise CTFileError(path, f"cannot be read as CSV ({e})") from None
+    missing = [c for c in LUNA_COLUMNS[kind] if c not in df.columns]
+    if missing: raise CTFileError(path, f"lacks column(s) {missing} of LUNA16 {kind}.csv (has {list(df.columns)})")
+    df = df.assign(line=np.arange(len(df)) + 2, seriesuid=df.seriesuid.astype(str))
+    num = list(LUNA_COLUMNS[kind][1:])
+    vals = df[num].apply(pd.to_numeric, errors='coerce')
+    bad = vals.isna().any(axis=1)
+    if bad.any(): raise CTFileError(path, f"line {int(df.line[bad].iloc[0])}: non-numeric or missing value in {num}")
+    df[num] = vals
+    if kind == 'annotations' and (df.diameter_mm <= 0).any():
+        raise CTFileError(path, f"line {int(df.line[df.diameter_mm <= 0].iloc[0])}: diameter_mm must be positive")
+    df.attrs['path'] = str(path)
+    return df
+
+# %% ../nbs/01_data.ipynb #c051
+def luna_to_voxel(rows:pd.DataFrame, # LUNA16 rows (from `read_luna_csv`) for ONE scan
+                  vol:CTVolume # that scan's image
+                 ) -> pd.DataFrame:
+    "Add voxel coordinates `z, y, x` (continuous) and `iz, iy, ix` (nearest voxel); raise if a point lies outside the volume."
+    src = rows.attrs.get('path', 'annotations')
+    zyx = vol.world_to_voxel(rows[['coordX', 'coordY', 'coordZ']].to_numpy(float)).reshape(-1, 3)
+    out = rows.assign(z=zyx[:, 0], y=zyx[:, 1], x=zyx[:, 2])
+    near = np.round(zyx).astype(int)
+    inside = ((near >= 0) & (near < np.array(vol.shape))).all(axis=1)
+    if not inside.all():
+        i = int(np.flatnonzero(~inside)[0]); r = out.iloc[i]
+        raise CTFileError(src, f"line {r.get('line', '?')}: point ({r.coordX:.1f}, {r.coordY:.1f}, {r.coordZ:.1f}) mm of {r.seriesuid} maps to voxel "
+                          f"(z, y, x) = {tuple(np.round(zyx[i], 1).tolist())}, outside {vol.path.name if vol.path else 'the image'} of shape {vol.shape}",
+                          "Check that the row belongs to this scan and that the image's origin and direction are intact")
+    return out.assign(iz=near[:, 0], iy=near[:, 1], ix=near[:, 2])
+
+def ellipsoid_mask(vol:CTVolume, # the image whose grid the mask is drawn on
+                   centre_xyz, # nodule centre, world (x, y, z) mm
+                   diameter_mm:float # annotated diameter; radius = diameter / 2, in mm
+                  ) -> np.ndarray:
+    "APPROXIMATE nodule mask: voxels within diameter/2 mm (world distance, so an ellipsoid in voxels); uint8."
+    r = diameter_mm / 2
+    c = vol.world_to_voxel(np.asarray(centre_xyz, float))
+    half = np.ceil(r / np.asarray(vol.spacing)).astype(int) + 1
+    lo = np.maximum(np.floor(c).astype(int) - half, 0); hi = np.minimum(np.ceil(c).astype(int) + half + 1, vol.shape)
+    mask = np.zeros(vol.shape, np.uint8)
+    if (hi <= lo).any(): return mask
+    idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing='ij'), -1)
+    d = np.linalg.norm(vol.voxel_to_world(idx) - np.asarray(centre_xyz, float), axis=-1)
+    box = (d <= r).astype(np.uint8)
+    near = np.clip(np.round(c).astype(int), 0, np.array(vol.shape) - 1)
+    if not box.any() and (near >= lo).all() and (near < hi).all(): box[tuple(near - lo)] = 1  # smaller than a voxel: keep its voxel
+    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = box
+    return mask
+
+# %% ../nbs/01_data.ipynb #c052
+def load_luna16(root, # LUNA16 folder: annotations.csv and subset*/<seriesuid>.mhd (+ .raw)
+                annotations=None, # path of annotations.csv (default: root/annotations.csv)
+                max_cases:int|None=None, # load only the first n annotated scans (sorted by seriesuid)
+                progress:bool=True, # show a tqdm progress bar
+               ) -> list[Case]:
+    "Load annotated LUNA16 scans as cases with APPROXIMATE ball masks (see `ellipsoid_mask`); meta['nodules'] lists each nodule."
+    root = Path(root)
+    ann = read_luna_csv(annotations or root / 'annotations.csv', 'annotations')
+    scans = {p.stem: p for p in sorted(root.rglob('*.mhd'))}
+    if not scans: raise CTFileError(root, "holds no .mhd scans", "LUNA16 keeps them in subset0/ ... subset9/")
+    uids = sorted(set(ann.seriesuid) & set(scans))
+    if len(uids) < ann.seriesuid.nunique():
+        warnings.warn(f"{root}: {ann.seriesuid.nunique() - len(uids)} annotated scan(s) are not in this folder (missing subsets?); skipped")
+    cases = []
+    for uid in tqdm(uids[:max_cases], desc='Loading LUNA16', unit='scan', disable=not progress):
+        vol = read_volume(scans[uid])
+        rows = luna_to_voxel(ann[ann.seriesuid == uid], vol)
+        mask, nodules = np.zeros(vol.shape, np.uint8), []
+        for r in rows.itertuples():
+            m = ellipsoid_mask(vol, (r.coordX, r.coordY, r.coordZ), r.diameter_mm)
+            zs = np.flatnonzero(m.any((1, 2)))
+            nodules.append(dict(centre_zyx=(r.z, r.y, r.x), z_range=(int(zs[0]), int(zs[-1])), diameter_mm=float(r.diameter_mm)))
+            mask |= m
+        cases.append(Case(uid, vol, mask, dict(patient_id=uid, nodules=nodules, mask_source='ellipsoid approximation of annotations.csv')))
+    return cases
+
+# %% ../nbs/01_data.ipynb #c058
+@dataclass
+class RoiConfig:
+    "How 2D training slices are cut around each nodule (paper section 4.1)."
+    size:int = 64 # ROI height = width in pixels (models need a multiple of 16)
+    spacing_mm:float|None = 0.8 # in-plane pixel size to resample to; None keeps each scan's native spacing
+    empty_ratio:float = 1.0 # empty slices taken next to the lesion per nodule slice (1.0 = balanced, as in the paper)
+    pad_hu:float = -1000. # value where the window leaves the scan: air
+
+    def __post_init__(self):
+        if self.size < 8: raise ValueError(f"RoiConfig.size must be at least 8 pixels, got {self.size}")
+        if self.spacing_mm is not None and self.spacing_mm <= 0: raise ValueError(f"RoiConfig.spacing_mm must be positive or None, got {self.spacing_mm}")
+        if self.empty_ratio < 0: raise ValueError(f"RoiConfig.empty_ratio must be >= 0, got {self.empty_ratio}")
+
+    @classmethod
+    def small(cls):
+        "64 x 64 px at 0.8 mm (51 mm field of view): laptop-sized, matches the LIDC sample's 51 mm cubes."
+        return cls(size=64, spacing_mm=0.8)
+
+    @classmethod
+    def paper(cls):
+        "128 x 128 px at native spacing, as in the paper."
+        return cls(size=128, spacing_mm=None)
+
+# %% ../nbs/01_data.ipynb #c061
+@dataclass
+class SliceSet:
+    "2D ROI slices in memory: HU images, masks, labels, and where each slice came from."
+    images: np.ndarray # float32 [N, H, W], HU
+    masks: np.ndarray # uint8 [N, H, W], 1 = nodule
+    has_nodule: np.ndarray # bool [N]: the slice's mask is not empty
+    case_index: np.ndarray # int [N], index into case_ids
+    case_ids: list # one id per source case
+    pixel_spacing: np.ndarray # float [N, 2]: (row, col) mm of each slice
+    slice_spacing_mm: np.ndarray # float [n_cases]: z spacing of each case (to stack 2D predictions back into 3D)
+    roi_index: np.ndarray # int [N], index into rois
+    z_index: np.ndarray # int [N], slice index in the case's volume
+    rois: list # one dict per ROI: case_index, centre_zyx, z_range (nodule slices), window (row, col) centre
+    case_groups: list # one group label per case: meta['patient_id'] when known, else the case id
+
+    def __len__(self): return len(self.images)
+
+    @property
+    def spacing(self) -> tuple:
+        "(row, col) mm shared by all slices; raises if slices differ (then use `pixel_spacing[i]`)."
+        if len(self) == 0 or np.allclose(self.pixel_spacing, self.pixel_spacing[0]):
+            return tuple(float(s) for s in (self.pixel_spacing[0] if len(self) else (np.nan, np.nan)))
+        raise ValueError("slices have different pixel spacings (RoiConfig.spacing_mm=None on mixed scans); use pixel_spacing[i]")
+
+    def groups(self) -> np.ndarray:
+        "Group label of each slice (patient when known, else case): what splits keep together."
+        return np.asarray(self.case_groups, dtype=object)[self.case_index]
+
+    def subset(self, idx) -> SliceSet:
+        "The slices at `idx` (indices or a boolean mask); case and ROI tables are kept whole."
+        idx = np.asarray(idx)
+        return SliceSet(self.images[idx], self.masks[idx], self.has_nodule[idx], self.case_index[idx], self.case_ids,
+                        self.pixel_spacing[idx], self.slice_spacing_mm, self.roi_index[idx], self.z_index[idx], self.rois, self.case_groups)
+
+    def __repr__(self):
+        return (f"SliceSet({len(self)} slices of {self.images.shape[1:]} from {len(self.rois)} ROIs in {len(self.case_ids)} cases; "
+                f"{int(self.has_nodule.sum())} with nodule, {int((~self.has_nodule).sum())} empty)")
+
+# %% ../nbs/01_data.ipynb #c062
+def _nodules_of(case:Case) -> list:
+    "(centre_zyx, (z0, z1)) of each nodule: from meta['nodules'] when given, else 26-connected components of the mask."
+    if case.meta.get('nodules'):
+        return [(tuple(float(v) for v in n['centre_zyx']), tuple(int(v) for v in n['z_range'])) for n in case.meta['nodules']]
+    from scipy import ndimage
+    m = np.asarray(case.mask) > 0
+    if not m.any(): return []
+    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in (np.flatnonzero(m.any(ax)) for ax in ((1, 2), (0, 2), (0, 1))))
+    lab, n = ndimage.label(m[box], structure=np.ones((3, 3, 3)))
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(lab), 1):
+        zz, yy, xx = np.nonzero(lab[sl] == k)
+        z0, y0, x0 = (b.start + s.start for b, s in zip(box, sl))
+        out.append(((zz.mean() + z0, yy.mean() + y0, xx.mean() + x0), (z0, z0 + sl[0].stop - sl[0].start - 1)))
+    return out
+
+def _empty_slices(z0:int, z1:int, depth:int, n:int) -> list:
+    "Up to `n` slice indices next to [z0, z1], alternating below and above, nearest first, inside [0, depth)."
+    out, k = [], 1
+    while len(out) < n and (z0 - k >= 0 or z1 + k < depth):
+        for z in (z0 - k, z1 + k):
+            if 0 <= z < depth and len(out) < n: out.append(z)
+        k += 1
+    return sorted(out)
+
+def _interp_matrix(pos:np.ndarray, n:int, order:int) -> np.ndarray:
+    "Weights W [len(pos), n] that sample a length-n axis at `pos` (order 0: nearest, 1: linear); rows sum to < 1 outside."
+    W = np.zeros((len(pos), n), np.float32)
+    if order == 0:
+        i = np.round(pos).astype(int); ok = (i >= 0) & (i < n)
+        W[np.flatnonzero(ok), i[ok]] = 1
+    else:
+        i0 = np.floor(pos).astype(int); f = (pos - i0).astype(np.float32)
+        for i, w in ((i0, 1 - f), (i0 + 1, f)):
+            ok = (i >= 0) & (i < n) & (w > 0)
+            W[np.flatnonzero(ok), i[ok]] += w[ok]
+    return W
+
+def _sample_planes(arr:np.ndarray, zs, rows, cols, order:int, fill:float) -> np.ndarray:
+    "Slices `zs` of `arr` sampled at (rows x cols) positions, separably; `fill` outside the array. float32 [len(zs), R, C]."
+    Wy, Wx = _interp_matrix(rows, arr.shape[1], order), _interp_matrix(cols, arr.shape[2], order)
+    ys, xs = np.flatnonzero(Wy.any(0)), np.flatnonzero(Wx.any(0))
+    if not len(ys) or not len(xs): return np.full((len(zs), len(rows), len(cols)), fill, np.float32)
+    ys, xs = slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
+    slab = arr[np.asarray(zs)][:, ys, xs].astype(np.float32) - np.float32(fill)
+    return Wy[:, ys] @ slab @ Wx[:, xs].T + np.float32(fill)
+
+def extract_slices(cases:list, # cases with nodule masks (e.g. from `load_case_folder`)
+                   cfg:RoiConfig|None=None, # window size, pixel spacing, empty-slice ratio; default RoiConfig.small()
+                   progress:bool=False # show a tqdm progress bar
+                  ) -> SliceSet:
+    "Cut each nodule's ROI into 2D slices (nodule slices + adjacent empty slices), resampled in-plane, padded with air; cases with empty masks add none."
+    cfg = cfg or RoiConfig.small()
+    S = cfg.size
+    imgs, msks, cidx, ridx, zidx, psp, rois = [], [], [], [], [], [], []
+    for ci, case in enumerate(tqdm(cases, desc='Extracting ROIs', unit='case', disable=not progress)):
+        depth = case.image.shape[0]
+        sz, sy, sx = case.image.spacing
+        for centre, (z0, z1) in _nodules_of(case):
+            zs = sorted(set(range(z0, z1 + 1)) | set(_empty_slices(z0, z1, depth, int(round(cfg.empty_ratio * (z1 - z0 + 1))))))
+            if cfg.spacing_mm is None:   # native pixels: an exact crop around the nearest voxel
+                rows = np.round(centre[1]) - S // 2 + np.arange(S); cols = np.round(centre[2]) - S // 2 + np.arange(S)
+                out_sp = (sy, sx)
+            else:                          # resample: pixel centres spaced spacing_mm apart, centred on the centroid
+                off = (np.arange(S) - (S - 1) / 2) * cfg.spacing_mm
+                rows, cols = centre[1] + off / sy, centre[2] + off / sx
+                out_sp = (cfg.spacing_mm, cfg.spacing_mm)
+            order = 0 if cfg.spacing_mm is None else 1
+            im = _sample_planes(case.image.array, zs, rows, cols, order, cfg.pad_hu)
+            mk = _sample_planes(case.mask, zs, rows, cols, order, 0.) >= 0.5
+            rois.append(dict(case_index=ci, centre_zyx=tuple(float(c) for c in centre), z_range=(z0, z1), n_slices=len(zs)))
+            imgs.append(im.astype(np.float32)); msks.append(mk.astype(np.uint8))
+            cidx += [ci] * len(zs); ridx += [len(rois) - 1] * len(zs); zidx += zs; psp += [out_sp] * len(zs)
+    if not imgs: raise ValueError("no nodules found in the cases: every mask is empty")
+    masks = np.concatenate(msks)
+    return SliceSet(np.concatenate(imgs), masks, masks.reshape(len(masks), -1).any(1), np.array(cidx), [c.case_id for c in cases],
+                    np.array(psp, float), np.array([c.image.spacing[0] for c in cases], float), np.array(ridx), np.array(zidx), rois,
+                    [str(c.meta.get('patient_id', c.case_id)) for c in cases])
+
+# %% ../nbs/01_data.ipynb #c073
+def normalize_hu(hu, # HU values: numpy array or torch tensor
+                 window=(-1200, 400)): # (I_min, I_max) in HU; values outside are clipped
+    "Eq. 6 with a fixed HU window: (hu - I_min) / (I_max - I_min), clipped to [0, 1], float32."
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo: raise ValueError(f"window must be (low, high) HU with high > low, got {window}")
+    import torch
+    if isinstance(hu, torch.Tensor): return ((hu.float() - lo) / (hi - lo)).clamp(0, 1)
+    return np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
+
+# %% ../nbs/01_data.ipynb #c076
+import torch
+from torch.utils.data import Dataset
+
+class SliceDataset(Dataset):
+    "Torch dataset over a `SliceSet`: (image [1,H,W] in [0,1], mask [1,H,W], has_nodule) as float32."
+    def __init__(self,
+                 slices:SliceSet, # from `extract_slices`
+                 window=(-1200, 400), # HU window for Eq. 6 (fixed, see `normalize_hu`)
+                 augment:bool=False): # random left-right and up-down flips (training only)
+        normalize_hu(np.zeros(1), window)  # validates the window
+        self.slices, self.window, self.augment = slices, tuple(window), augment
+
+    def __len__(self): return len(self.slices)
+
+    def __getitem__(self, i):
+        i = int(i)
+        img = normalize_hu(self.slices.images[i], self.window)
+        msk = self.slices.masks[i].astype(np.float32)
+        if self.augment:
+            lr, ud = (torch.rand(2) < 0.5).tolist()
+            if lr: img, msk = img[:, ::-1], msk[:, ::-1]
+            if ud: img, msk = img[::-1], msk[::-1]
+        return (torch.from_numpy(np.ascontiguousarray(img))[None], torch.from_numpy(np.ascontiguousarray(msk))[None],
+                torch.tensor(float(self.slices.has_nodule[i])))
+
+    def __repr__(self): return f"SliceDataset({len(self)} slices, window={self.window}, augment={self.augment})"
+
+# %% ../nbs/01_data.ipynb #c080
+def kfold_split(groups, # one group label per sample (e.g. `SliceSet.groups()`)
+                k:int=5, # number of folds
+                seed:int=0 # shuffling seed
+               ) -> list:
+    "k (train_idx, val_idx) pairs; every group lies in exactly one validation fold; folds balanced by sample count."
+    groups = np.asarray(groups)
+    uniq, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    if not 2 <= k <= len(uniq): raise ValueError(f"k={k} folds need 2 <= k <= the number of groups ({len(uniq)})")
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    order = order[np.argsort(-counts[order], kind='stable')]   # largest groups first, ties in shuffled order
+    fold_of, load = np.empty(len(uniq), int), np.zeros(k, int)
+    for g in order:
+        f = int(np.argmin(load)); fold_of[g] = f; load[f] += counts[g]
+    fold = fold_of[inv.ravel()]
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
+
+def holdout_split(groups, # one group label per sample
+                  test_frac:float=0.2, # fraction of GROUPS held out for testing
+                  seed:int=0 # shuffling seed
+                 ) -> tuple:
+    "(trainval_idx, test_idx): a seeded random `test_frac` of the groups (at least one) is held out."
+    groups = np.asarray(groups)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    if not 0 < test_frac < 1: raise ValueError(f"test_frac must be between 0 and 1, got {test_frac}")
+    if len(uniq) < 2: raise ValueError(f"a hold-out split needs at least 2 groups, got {len(uniq)}")
+    n_test = min(max(1, int(round(test_frac * len(uniq)))), len(uniq) - 1)
+    is_test = np.zeros(len(uniq), bool); is_test[np.random.default_rng(seed).permutation(len(uniq))[:n_test]] = True
+    t = is_test[inv.ravel()]
+    return np.flatnonzero(~t), np.flatnonzero(t)
