@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 # %% auto #0
@@ -90,7 +93,7 @@ class CTVolume:
         if array.shape != self.shape: raise ValueError(f"array shape {array.shape} differs from the volume's {self.shape}")
         return CTVolume(array, self.spacing, self.origin, self.direction.copy(), None)
 
-# %% ../nbs/01_data.ipynb #c014
+# %% ../nbs/01_data.ipynb #c016
 READ_SUFFIXES = ('.nii.gz', '.nii', '.mhd', '.mha', '.nrrd', '.nhdr', '.dcm')
 WRITE_SUFFIXES = ('.nii.gz', '.nii', '.mhd', '.mha', '.nrrd')
 _MET_BYTES = dict(MET_CHAR=1, MET_UCHAR=1, MET_SHORT=2, MET_USHORT=2, MET_INT=4, MET_UINT=4, MET_LONG=4, MET_ULONG=4,
@@ -115,7 +118,7 @@ def _itk_reason(err) -> str:
         if not l.startswith('sitk::ERROR') or len(lines) == 1: return l[:300]
     return lines[-1][:300] if lines else 'unknown error'
 
-# %% ../nbs/01_data.ipynb #c015
+# %% ../nbs/01_data.ipynb #c017
 def _check_mhd(path:Path):
     "Check a MetaImage header and that its .raw data file exists and is complete."
     try: text = path.read_text(errors='replace')
@@ -144,7 +147,7 @@ def _check_mhd(path:Path):
         raise CTFileError(raw, f"is truncated: {have} bytes, but {path.name} (DimSize {head['DimSize']}, {head.get('ElementType')}) needs {need}",
                           "The copy or download was interrupted; fetch the file again")
 
-# %% ../nbs/01_data.ipynb #c016
+# %% ../nbs/01_data.ipynb #c018
 def _gz_size(path:Path) -> int:
     "Uncompressed size of a gzip file, reading it all (raises on a truncated or corrupt stream)."
     n = 0
@@ -182,7 +185,7 @@ def _check_nifti(path:Path):
     if have < need:
         raise CTFileError(path, f"is truncated: its voxel data has {have} bytes, the header needs {need}", "The copy or download was interrupted; fetch the file again")
 
-# %% ../nbs/01_data.ipynb #c017
+# %% ../nbs/01_data.ipynb #c019
 def _check_scalar_3d(img:sitk.Image, path:Path):
     "Raise unless `img` is a scalar 3D volume with more than one slice."
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -215,7 +218,7 @@ def _read_dicom_folder(folder:Path) -> sitk.Image:
     except RuntimeError as e:
         raise CTFileError(folder, f"its DICOM series cannot be read ({_itk_reason(e)})") from None
 
-# %% ../nbs/01_data.ipynb #c018
+# %% ../nbs/01_data.ipynb #c020
 def read_volume(path # a volume file (.nii, .nii.gz, .mhd, .mha, .nrrd) or a folder holding one DICOM series
                ) -> CTVolume:
     "Read a 3D CT volume or mask with its geometry; raise `CTFileError` naming the file if it cannot be used."
@@ -237,7 +240,7 @@ def read_volume(path # a volume file (.nii, .nii.gz, .mhd, .mha, .nrrd) or a fol
     _check_scalar_3d(img, path)
     return CTVolume.from_sitk(img, path)
 
-# %% ../nbs/01_data.ipynb #c019
+# %% ../nbs/01_data.ipynb #c021
 def _atomic_write(path:Path, write):
     "Call `write(tmp_path)` to write into a hidden temporary folder, then move the result(s) to `path`'s folder, main file last."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +261,7 @@ def write_volume(vol:CTVolume, # the volume (image or mask) to write
     img = vol.to_sitk()
     _atomic_write(path, lambda p: sitk.WriteImage(img, str(p), compress or volume_suffix(p) == '.nii.gz'))
 
-# %% ../nbs/01_data.ipynb #c023
+# %% ../nbs/01_data.ipynb #c025
 def write_dicom_series(vol:CTVolume, # image in HU (integer-valued)
                        folder, # destination folder; must not exist or be empty
                        series_description:str='lungseg'): # written to SeriesDescription (0008|103e)
@@ -288,7 +291,7 @@ def write_dicom_series(vol:CTVolume, # image in HU (integer-valued)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
-# %% ../nbs/01_data.ipynb #c030
+# %% ../nbs/01_data.ipynb #c032
 @dataclass
 class Case:
     "One CT volume with its nodule mask and free-form metadata."
@@ -308,7 +311,7 @@ class Case:
     def __repr__(self):
         return f"Case({self.case_id!r}, shape={self.image.shape}, spacing={self.image.spacing}, nodule voxels={int(self.mask.sum())}, meta keys={list(self.meta)})"
 
-# %% ../nbs/01_data.ipynb #c031
+# %% ../nbs/01_data.ipynb #c033
 def _natural_key(s:str):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', s)]
 
@@ -355,7 +358,7 @@ def check_mask(mask:CTVolume, image:CTVolume, allow_empty:bool=False, tol:float=
         raise CTFileError(mp, "is empty (no voxel is 1)", "Pass allow_empty=True if this case really has no nodule")
     return arr
 
-# %% ../nbs/01_data.ipynb #c032
+# %% ../nbs/01_data.ipynb #c034
 def load_case_folder(folder, # holds images/<id>.<ext> and masks/<id>.<ext> (+ optional metadata.csv)
                      progress:bool=True, # show a tqdm progress bar
                      allow_empty:bool=False, # accept masks without any nodule voxel (nodule-free cases)
@@ -383,7 +386,7 @@ def load_case_folder(folder, # holds images/<id>.<ext> and masks/<id>.<ext> (+ o
         cases.append(Case(cid, image, check_mask(mask, image, allow_empty), dict(meta.get(cid, {}))))
     return cases
 
-# %% ../nbs/01_data.ipynb #c033
+# %% ../nbs/01_data.ipynb #c035
 def write_case_folder(cases:list, # the cases to write
                       folder, # destination; created, or replaced when overwrite=True
                       overwrite:bool=False, # replace an existing non-empty folder
@@ -413,7 +416,7 @@ def write_case_folder(cases:list, # the cases to write
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 
-# %% ../nbs/01_data.ipynb #c039
+# %% ../nbs/01_data.ipynb #c041
 def lidc_dir() -> Path:
     "Folder of the LIDC-IDRI sample: $LUNGSEG_LIDC_DIR, else ../shared/data/lidc-nodules next to the repository."
     env = os.environ.get('LUNGSEG_LIDC_DIR')
@@ -431,13 +434,12 @@ def find_lidc() -> Path|None:
         raise FileNotFoundError(f"{d}: the LIDC sample is missing and CI is set; set LUNGSEG_LIDC_DIR to the lidc-nodules folder")
     return None
 
-# %% ../nbs/01_data.ipynb #c046
+# %% ../nbs/01_data.ipynb #c049
 def resample_volume(vol:CTVolume, # the volume to resample
                     spacing, # new (z, y, x) spacing in mm
                     order:int=1, # interpolation: 1 = linear (CT), 0 = nearest (masks)
                     fill:float=-1000.) -> CTVolume: # value outside the old grid (air)
     "Resample `vol` onto a grid with another spacing and the same origin, direction and physical extent."
-    from scipy import ndimage
     spacing = tuple(float(s) for s in spacing)
     shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(vol.shape, vol.spacing, spacing))
     scale = [t / s for s, t in zip(vol.spacing, spacing)]  # output index -> input index
@@ -445,7 +447,7 @@ def resample_volume(vol:CTVolume, # the volume to resample
     if np.issubdtype(vol.array.dtype, np.integer): arr = np.round(arr).astype(vol.array.dtype)
     return CTVolume(arr, spacing, vol.origin, vol.direction.copy(), None)
 
-# %% ../nbs/01_data.ipynb #c050
+# %% ../nbs/01_data.ipynb #c053
 LUNA_COLUMNS = {'annotations': ('seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm'),
                 'candidates': ('seriesuid', 'coordX', 'coordY', 'coordZ', 'class')}
 
@@ -471,7 +473,7 @@ def read_luna_csv(path, # annotations.csv or candidates.csv
     df.attrs['path'] = str(path)
     return df
 
-# %% ../nbs/01_data.ipynb #c051
+# %% ../nbs/01_data.ipynb #c054
 def luna_to_voxel(rows:pd.DataFrame, # LUNA16 rows (from `read_luna_csv`) for ONE scan
                   vol:CTVolume # that scan's image
                  ) -> pd.DataFrame:
@@ -507,7 +509,7 @@ def ellipsoid_mask(vol:CTVolume, # the image whose grid the mask is drawn on
     mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = box
     return mask
 
-# %% ../nbs/01_data.ipynb #c052
+# %% ../nbs/01_data.ipynb #c055
 def load_luna16(root, # LUNA16 folder: annotations.csv and subset*/<seriesuid>.mhd (+ .raw)
                 annotations=None, # path of annotations.csv (default: root/annotations.csv)
                 max_cases:int|None=None, # load only the first n annotated scans (sorted by seriesuid)
@@ -534,7 +536,7 @@ def load_luna16(root, # LUNA16 folder: annotations.csv and subset*/<seriesuid>.m
         cases.append(Case(uid, vol, mask, dict(patient_id=uid, nodules=nodules, mask_source='ellipsoid approximation of annotations.csv')))
     return cases
 
-# %% ../nbs/01_data.ipynb #c058
+# %% ../nbs/01_data.ipynb #c061
 @dataclass
 class RoiConfig:
     "How 2D training slices are cut around each nodule (paper section 4.1)."
@@ -558,7 +560,7 @@ class RoiConfig:
         "128 x 128 px at native spacing, as in the paper."
         return cls(size=128, spacing_mm=None)
 
-# %% ../nbs/01_data.ipynb #c061
+# %% ../nbs/01_data.ipynb #c064
 @dataclass
 class SliceSet:
     "2D ROI slices in memory: HU images, masks, labels, and where each slice came from."
@@ -597,12 +599,11 @@ class SliceSet:
         return (f"SliceSet({len(self)} slices of {self.images.shape[1:]} from {len(self.rois)} ROIs in {len(self.case_ids)} cases; "
                 f"{int(self.has_nodule.sum())} with nodule, {int((~self.has_nodule).sum())} empty)")
 
-# %% ../nbs/01_data.ipynb #c062
+# %% ../nbs/01_data.ipynb #c065
 def _nodules_of(case:Case) -> list:
     "(centre_zyx, (z0, z1)) of each nodule: from meta['nodules'] when given, else 26-connected components of the mask."
     if case.meta.get('nodules'):
         return [(tuple(float(v) for v in n['centre_zyx']), tuple(int(v) for v in n['z_range'])) for n in case.meta['nodules']]
-    from scipy import ndimage
     m = np.asarray(case.mask) > 0
     if not m.any(): return []
     box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in (np.flatnonzero(m.any(ax)) for ax in ((1, 2), (0, 2), (0, 1))))
@@ -677,20 +678,16 @@ def extract_slices(cases:list, # cases with nodule masks (e.g. from `load_case_f
                     np.array(psp, float), np.array([c.image.spacing[0] for c in cases], float), np.array(ridx), np.array(zidx), rois,
                     [str(c.meta.get('patient_id', c.case_id)) for c in cases])
 
-# %% ../nbs/01_data.ipynb #c073
+# %% ../nbs/01_data.ipynb #c076
 def normalize_hu(hu, # HU values: numpy array or torch tensor
                  window=(-1200, 400)): # (I_min, I_max) in HU; values outside are clipped
     "Eq. 6 with a fixed HU window: (hu - I_min) / (I_max - I_min), clipped to [0, 1], float32."
     lo, hi = float(window[0]), float(window[1])
     if not hi > lo: raise ValueError(f"window must be (low, high) HU with high > low, got {window}")
-    import torch
     if isinstance(hu, torch.Tensor): return ((hu.float() - lo) / (hi - lo)).clamp(0, 1)
     return np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
 
-# %% ../nbs/01_data.ipynb #c076
-import torch
-from torch.utils.data import Dataset
-
+# %% ../nbs/01_data.ipynb #c079
 class SliceDataset(Dataset):
     "Torch dataset over a `SliceSet`: (image [1,H,W] in [0,1], mask [1,H,W], has_nodule) as float32."
     def __init__(self,
@@ -715,7 +712,7 @@ class SliceDataset(Dataset):
 
     def __repr__(self): return f"SliceDataset({len(self)} slices, window={self.window}, augment={self.augment})"
 
-# %% ../nbs/01_data.ipynb #c080
+# %% ../nbs/01_data.ipynb #c083
 def kfold_split(groups, # one group label per sample (e.g. `SliceSet.groups()`)
                 k:int=5, # number of folds
                 seed:int=0 # shuffling seed
