@@ -5,7 +5,7 @@
 # %% ../nbs/06_baselines.ipynb #78d30a56
 from __future__ import annotations
 import dataclasses, importlib, statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
@@ -20,16 +20,28 @@ __all__ = ['MODEL_NAMES', 'UNetConfig', 'UNet', 'ResUNetConfig', 'ResUNet', 'Res
 def _check(model: nn.Module, x: Tensor):
     check_input_size(x, model.size_multiple, channels=model.cfg.in_ch, name=type(model).__name__)
 
+def _widths(widths, min_len: int, name: str) -> tuple:
+    "Config widths as a tuple of positive ints, at least `min_len` of them."
+    w = tuple(int(v) for v in widths)
+    if len(w) < min_len or min(w) < 1:
+        raise ValueError(f"{name}.widths needs at least {min_len} positive channel counts; got {widths}")
+    return w
+
 # %% ../nbs/06_baselines.ipynb #a5a726d2
 @dataclass
 class UNetConfig:
     "U-Net widths per level (encoder levels and the bottom)."
     in_ch: int = 1 # input channels
     widths: tuple = (64, 128, 256, 512, 1024) # channels at H, H/2, H/4, H/8, H/16
+    def __post_init__(self): self.widths = _widths(self.widths, 2, 'UNetConfig')
     @classmethod
-    def paper(cls): return cls()
+    def paper(cls):
+        "Ronneberger et al.: 64 ... 1024."
+        return cls()
     @classmethod
-    def small(cls): return cls(widths=(16, 32, 64, 128, 256))
+    def small(cls):
+        "Four times narrower: 16 ... 256."
+        return cls(widths=(16, 32, 64, 128, 256))
 
 class UNet(nn.Module):
     "U-Net: DoubleConv encoder with max-pooling, transposed-conv decoder (`UpBlock(up='transpose', unit='double')`)."
@@ -57,10 +69,15 @@ class ResUNetConfig:
     "ResUNet widths: three encoder levels and the bridge."
     in_ch: int = 1 # input channels
     widths: tuple = (64, 128, 256, 512) # channels at H, H/2, H/4 and the bridge (H/8)
+    def __post_init__(self): self.widths = _widths(self.widths, 2, 'ResUNetConfig')
     @classmethod
-    def paper(cls): return cls()
+    def paper(cls):
+        "Zhang et al., Table 1: 64 ... 512."
+        return cls()
     @classmethod
-    def small(cls): return cls(widths=(16, 32, 64, 128))
+    def small(cls):
+        "Four times narrower: 16 ... 128."
+        return cls(widths=(16, 32, 64, 128))
 
 class ResUNet(nn.Module):
     "ResUNet: residual-unit encoder (stride-2 convs), bridge, residual-unit decoder (`UpBlock`)."
@@ -89,10 +106,15 @@ class ResUNetPPConfig:
     widths: tuple = (16, 32, 64, 128, 256) # stem, three encoder units, bridge ASPP
     rates: tuple = (1, 6, 12, 18) # ASPP dilation rates (bridge and output)
     se_reduction: int = 8 # squeeze-excite ratio
+    def __post_init__(self): self.widths, self.rates = _widths(self.widths, 3, 'ResUNetPPConfig'), tuple(self.rates)
     @classmethod
-    def paper(cls): return cls()
+    def paper(cls):
+        "Jha et al.'s code: 16 ... 256, rates 1, 6, 12, 18."
+        return cls()
     @classmethod
-    def small(cls): return cls(widths=(8, 16, 32, 64, 128), se_reduction=4)
+    def small(cls):
+        "Half as wide; squeeze ratio 4 so the 8-channel stem's gate keeps two hidden units."
+        return cls(widths=(8, 16, 32, 64, 128), se_reduction=4)
 
 class ResUNetPP(nn.Module):
     "ResUNet++: residual units with squeeze-excite, ASPP bridge and output, attention-gated decoder."
@@ -129,10 +151,15 @@ class DeepLabV3PlusConfig:
     aspp_ch: int = 256 # ASPP and decoder width
     rates: tuple = (1, 6, 12, 18) # ASPP rates; rate 1 is a 1x1 branch
     low_ch: int = 48 # channels of the low-level projection
+    def __post_init__(self): self.layers, self.rates = tuple(self.layers), tuple(self.rates)
     @classmethod
-    def paper(cls): return cls()
+    def paper(cls):
+        "Chen et al. with a ResNet-50: ASPP 256 channels, rates 6, 12, 18, low-level 48."
+        return cls()
     @classmethod
-    def small(cls): return cls(base=16, aspp_ch=64, low_ch=12)
+    def small(cls):
+        "ResNet-50 four times narrower, ASPP 64 channels, low-level 12."
+        return cls(base=16, aspp_ch=64, low_ch=12)
 
 class DeepLabV3Plus(nn.Module):
     "DeepLabv3+: ResNet body (output stride 16), ASPP with image pooling, low-level projection decoder."
