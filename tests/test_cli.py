@@ -52,7 +52,7 @@ def test_bad_inputs(tmp_path, case_folder):
     r = lungseg('evaluate', '--checkpoint', tmp_path / 'junk.pt', '--data', case_folder, cwd=tmp_path, check=False)
     assert r.returncode == 2 and 'not a readable lungseg checkpoint' in r.stderr, r.stderr
     r = lungseg('train', '--data', case_folder, '--out', tmp_path / 'fresh', '--resume', cwd=tmp_path, check=False)
-    assert r.returncode == 2 and 'No checkpoint file' in r.stderr, r.stderr
+    assert r.returncode == 2 and 'Cannot resume' in r.stderr, r.stderr
     empty = tmp_path / 'empty'; (empty / 'images').mkdir(parents=True); (empty / 'masks').mkdir()
     r = lungseg('train', '--data', empty, '--out', tmp_path / 'o2', cwd=tmp_path, check=False)
     assert r.returncode == 2 and 'lungseg train: error:' in r.stderr and 'Traceback' not in r.stderr, r.stderr
