@@ -27,7 +27,7 @@ first not sent to the image widget it fails with "slice readout changed (16 -> 1
 rendered image did not follow". The notebook tests of that version passed in both cases (the
 second break is now also caught there, by a check that each drawing reaches the image widget).
 """
-import json, os, shutil, socket, subprocess, sys, time, urllib.request, uuid
+import json, os, socket, subprocess, sys, time, urllib.request, uuid
 from pathlib import Path
 
 import pytest
@@ -80,9 +80,13 @@ def lab(tmp_path_factory):
     src = REPO / NOTEBOOK
     assert src.exists(), f'{src} does not exist'
     root = tmp_path_factory.mktemp('lab')
-    # A copy: JupyterLab saves outputs into the notebook it runs; the repo's copy stays clean.
+    # A copy without outputs or execution counts: saved outputs must not pass for fresh ones, and
+    # JupyterLab saves into the notebook it runs, so the repo's copy stays untouched.
     (root / 'nbs').mkdir()
-    shutil.copy(src, root / 'nbs' / src.name)
+    nb = json.loads(src.read_text())
+    for c in nb['cells']:
+        if c['cell_type'] == 'code': c['outputs'], c['execution_count'] = [], None
+    (root / 'nbs' / src.name).write_text(json.dumps(nb))
     _write_lab_settings(root / 'settings')
     port, token = _free_port(), uuid.uuid4().hex
     env = dict(os.environ, IN_TEST='1', OMP_NUM_THREADS='1', JUPYTER_RUNTIME_DIR=str(root / 'runtime'),
