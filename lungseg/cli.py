@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment', 'cmd_quickstart', 'main']
+__all__ = ['build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment', 'cmd_quickstart', 'cmd_bench', 'main']
 
 # %% ../nbs/09a_cli.ipynb #6c950817
 _DATA_HELP = ("case folder (images/<id>.nii.gz + masks/<id>.nii.gz, any SimpleITK format or DICOM series folders), "
@@ -29,7 +29,7 @@ def _add_common(p, model=True, out_default=None):
     p.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch decides)')
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `lungseg` argument parser (subcommands quickstart, train, evaluate, experiment)."
+    "The `lungseg` argument parser (subcommands quickstart, train, evaluate, experiment, bench)."
     from lungseg import __version__
     ap = argparse.ArgumentParser(prog='lungseg', description="Detection-guided lung nodule segmentation with STD regularisation "
                                  "(Zhang et al.): train, evaluate and reproduce the paper's tables.",
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--test-frac', type=float, default=None, help='fraction of cases held out for testing (default: small 0.2, paper 11/56)')
     x.add_argument('--out', default=None, help='folder for the tables (markdown), raw results (CSV) and protocol (JSON)')
     _add_common(x)
+
+    b = sub.add_parser('bench', add_help=False, help='benchmark every model (throughput, latency, memory) against MONAI; see lungseg bench --help',
+                       description='Run lungseg.bench: the options are those of python -m lungseg.bench.')
     return ap
 
 # %% ../nbs/09a_cli.ipynb #92e8c4f8
@@ -232,8 +235,16 @@ def cmd_quickstart(a) -> int:
     return 0
 
 # %% ../nbs/09a_cli.ipynb #d9b3794b
+def cmd_bench(args: list) -> int:
+    "`lungseg bench ...`: every option after `bench` goes to `lungseg.bench.main` (its own parser and --help)."
+    from lungseg.bench import main as bench_main
+    bench_main(list(args))
+    return 0
+
 def main(argv=None) -> int:
     "Entry point of the `lungseg` console command."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['bench']: return cmd_bench(argv[1:])
     ap = build_parser()
     a = ap.parse_args(argv)
     if a.command is None:
