@@ -17,7 +17,8 @@ from scipy import ndimage
 
 # %% auto #0
 __all__ = ['neg_entropy', 'gaussian_kernel1d', 'kernel_dtft', 'zero_padded_matrix', 'std_kernel1d', 'std_blur', 'std_term',
-           'std_energy', 'std_logits', 'std_sigmoid', 'std_iterates', 'noisy_logits', 'STDSigmoid', 'STDExplorer']
+           'std_energy', 'std_logits', 'std_sigmoid', 'std_iterates', 'std_logits_reference', 'noisy_logits',
+           'STDSigmoid', 'STDExplorer']
 
 # %% ../nbs/03_std.ipynb #std009
 def neg_entropy(x: torch.Tensor) -> torch.Tensor:
@@ -87,11 +88,15 @@ def _toeplitz(k: torch.Tensor, n: int) -> torch.Tensor:
     d = (i[:, None] - i[None, :]).abs()
     return torch.where(d <= R, k[R + d.clamp(max=R)], k.new_zeros(()))
 
+def _use_matmul(H: int, W: int, method: str) -> bool:
+    "Whether K is applied as K_y X K_x (dense Toeplitz matrices) rather than two 1-D convolutions."
+    if method not in ('auto', 'matmul', 'conv'): raise ValueError(f"method must be 'auto', 'matmul' or 'conv'; got {method!r}")
+    return method == 'matmul' or (method == 'auto' and max(H, W) <= 1024)
+
 def _std_operator(sigma, H: int, W: int, truncate: float = 4., dtype=None, device=None, method: str = 'auto'):
     "The STD operator $K$ for H x W images, as a function of x [B, C, H, W] (kernel built once)."
-    if method not in ('auto', 'matmul', 'conv'): raise ValueError(f"method must be 'auto', 'matmul' or 'conv'; got {method!r}")
     k = std_kernel1d(sigma, truncate, max_radius=max(H, W) - 1, dtype=dtype, device=device)
-    if method == 'matmul' or (method == 'auto' and max(H, W) <= 1024):
+    if _use_matmul(H, W, method):
         Ky, Kx = _toeplitz(k, H), _toeplitz(k, W)
         return lambda x: Ky @ x @ Kx
     R = (k.numel() - 1) // 2
@@ -169,6 +174,22 @@ def std_energy(x: torch.Tensor,        # probabilities [B, C, H, W] in [0, 1]
     return e.flatten(1).sum(1)
 
 # %% ../nbs/03_std.ipynb #std041
+def _std_update(b: torch.Tensor, # the fixed numerator u - lam2 (1 - c), [B, C, H, W]
+                lam1, eps, sigma, truncate: float = 4., method: str = 'auto'):
+    "The update of Eq. 5, x^t -> z^{t+1} = (b - lam1 K(I - 2x^t)) / eps, computed as a + s K x^t with a, s folded once."
+    B, C, H, W = b.shape
+    s = 2 * lam1 / eps                                     # K(I - 2x) = K I - 2 K x, and K is linear
+    if not _use_matmul(H, W, method):
+        K = _std_operator(sigma, H, W, truncate, b.dtype, b.device, 'conv')
+        a = (b - lam1 * K(torch.ones_like(b[:1, :1]))) / eps
+        return lambda x: a + s * K(x)
+    k = std_kernel1d(sigma, truncate, max_radius=max(H, W) - 1, dtype=b.dtype, device=b.device)
+    Ky, Kx = _toeplitz(k, H), _toeplitz(k, W)
+    KI = Ky.sum(1, keepdim=True) * Kx.sum(0, keepdim=True)   # K applied to the all-ones image: (K_y 1)(1^T K_x)
+    a = ((b - lam1 * KI) / eps).reshape(B * C, H, W)
+    Ky, Kx = Ky.expand(B * C, H, H), s * Kx                # the scale rides on the small W x W matrix
+    return lambda x: torch.baddbmm(a, Ky, x.reshape(B * C, H, W) @ Kx).view(B, C, H, W)   # add fused into the GEMM
+
 def _std_run(u, c, eps, lam1, lam2, sigma, n_iter, truncate, keep: bool):
     "Iterate Eq. 5 (derived form). Returns (logits of the last iterate, list of iterates or None)."
     _check_logits(u)
@@ -182,11 +203,10 @@ def _std_run(u, c, eps, lam1, lam2, sigma, n_iter, truncate, keep: bool):
         z = u / eps                                        # x^0 = Sig(u / eps): the lambda = 0 minimiser
         xs = [torch.sigmoid(z)] if keep else None
         if n_iter == 0: return z, xs
-        K = _std_operator(sigma, u.shape[-2], u.shape[-1], truncate, u.dtype, u.device)
         b = u if c is None else u - lam2 * (1 - c)         # the fixed part of the numerator
+        update = _std_update(b, lam1, eps, sigma, truncate)
         for _ in range(int(n_iter)):
-            x = torch.sigmoid(z)
-            z = (b - lam1 * K(1 - 2 * x)) / eps
+            z = update(torch.sigmoid(z))
             if keep: xs.append(torch.sigmoid(z))
     return z, xs
 
@@ -212,6 +232,17 @@ def std_iterates(u: torch.Tensor, c=None, *, eps=1., lam1=1., lam2=1., sigma=1.,
                  truncate: float = 4.) -> list:
     "All iterates $x^0, \\dots, x^{n}$ of the STD sigmoid (for plots and energy checks)."
     return _std_run(u, c, eps, lam1, lam2, sigma, n_iter, truncate, keep=True)[1]
+
+# %% ../nbs/03_std.ipynb #std044a
+def std_logits_reference(u: torch.Tensor, c=None, *, eps=1., lam1=1., lam2=1., sigma=1., n_iter: int = 10,
+                         truncate: float = 4.) -> torch.Tensor:
+    "The boxed update of Eq. 5 written out term by term: the slow reference `std_logits` is tested and timed against."
+    cc = 1. if c is None else _prior(c, u)
+    lam2 = 0. if c is None else lam2
+    z = u / eps
+    for _ in range(n_iter):
+        z = (u - lam1 * std_blur(1 - 2 * torch.sigmoid(z), sigma, truncate) - lam2 * (1 - cc)) / eps
+    return z
 
 # %% ../nbs/03_std.ipynb #std052
 def noisy_logits(mask: np.ndarray,     # 0/1 mask [H, W] (the "truth" the toy network half-sees)
