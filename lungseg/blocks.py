@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['SegOutput', 'count_params', 'check_input_size', 'ConvBNReLU', 'DepthwiseSeparableConv', 'BNReLUConv', 'ResidualUnit',
-           'SqueezeExcite', 'AttentionGate', 'ASPP', 'input_footprint', 'tap_coverage', 'Bottleneck', 'ResNetBody',
-           'FeatureCombination', 'DoubleConv', 'UpBlock']
+__all__ = ['SegOutput', 'count_params', 'check_input_size', 'AtrousConv2d', 'ConvBNReLU', 'DepthwiseSeparableConv', 'BNReLUConv',
+           'ResidualUnit', 'SqueezeExcite', 'AttentionGate', 'ASPP', 'input_footprint', 'tap_coverage', 'Bottleneck',
+           'ResNetBody', 'FeatureCombination', 'DoubleConv', 'UpBlock']
 
 # %% ../nbs/04_blocks.ipynb #d62623c2
 class SegOutput(NamedTuple):
@@ -51,6 +51,18 @@ def check_input_size(x: Tensor, # the batch a model was given
 # %% ../nbs/04_blocks.ipynb #0fa98132
 def _pad(ks: int, dilation: int=1) -> int: return dilation * (ks // 2)
 
+class AtrousConv2d(nn.Conv2d):
+    "`nn.Conv2d` that skips the kernel taps which can only read zero padding (dilation >= the map's size): same result."
+    def forward(self, x: Tensor) -> Tensor:
+        w, pad = self.weight, list(self.padding) if isinstance(self.padding, tuple) else None
+        if pad is not None and self.stride == (1, 1) and self.padding_mode == 'zeros':
+            for ax in (0, 1):   # rows, then columns
+                k, d = self.kernel_size[ax], self.dilation[ax]
+                if k > 1 and k % 2 == 1 and pad[ax] == d * (k // 2) and d >= x.shape[2 + ax]:
+                    w, pad[ax] = w.narrow(2 + ax, k // 2, 1), 0   # every off-centre tap lands outside the map
+        if w is self.weight: return super().forward(x)
+        return F.conv2d(x, w, self.bias, 1, tuple(pad), self.dilation, self.groups)
+
 class ConvBNReLU(nn.Sequential):
     "conv -> BatchNorm -> ReLU (the U-Net and DeepLab unit)."
     def __init__(self, ni: int, # input channels
@@ -60,7 +72,8 @@ class ConvBNReLU(nn.Sequential):
                  dilation: int=1, # dilation (atrous rate)
                  act: bool=True, # finish with a ReLU
                 ):
-        layers = [nn.Conv2d(ni, nf, ks, stride, _pad(ks, dilation), dilation, bias=False), nn.BatchNorm2d(nf)]
+        conv = AtrousConv2d if dilation > 1 else nn.Conv2d
+        layers = [conv(ni, nf, ks, stride, _pad(ks, dilation), dilation, bias=False), nn.BatchNorm2d(nf)]
         super().__init__(*layers + ([nn.ReLU(inplace=True)] if act else []))
 
 # %% ../nbs/04_blocks.ipynb #c8adc1c8
