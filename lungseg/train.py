@@ -20,8 +20,8 @@ from .metrics import total_loss, segmentation_metrics
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'pick_device', 'seed_everything', 'get_rng_state', 'set_rng_state',
            'save_checkpoint', 'load_checkpoint', 'EpochBatchSampler', 'overlap_from_counts', 'validate', 'History',
-           'LivePlot', 'TrainingError', 'fit', 'predict_case', 'predict_volume', 'evaluate_cases', 'model_spec',
-           'build_from_spec', 'load_trained']
+           'LivePlot', 'TrainingError', 'make_adam', 'fit', 'predict_case', 'predict_volume', 'evaluate_cases',
+           'model_spec', 'build_from_spec', 'load_trained']
 
 # %% ../nbs/08_train.ipynb #6e48e27e
 @dataclass
@@ -309,6 +309,15 @@ def _oom_message(e, cfg, device) -> str:
             f"Try a smaller batch (--batch-size {max(1, cfg.batch_size // 2)} / TrainConfig.batch_size), "
             f"the 'small' preset, or another device (--device cpu). Original error: {str(e).splitlines()[0][:200]}")
 
+# %% ../nbs/08_train.ipynb #adam02
+def make_adam(params: list, # the tensors to train
+              cfg: TrainConfig, # lr and weight_decay
+             ) -> torch.optim.Adam:
+    "Adam (cfg.lr, cfg.weight_decay), fused into one kernel per step on CPU and CUDA, torch's default elsewhere."
+    params = list(params)
+    fused = all(p.device.type in ('cpu', 'cuda') and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
 # %% ../nbs/08_train.ipynb #9b02df93
 def _worker_init(worker_id: int) -> None:
     "Seed numpy and random in a DataLoader worker from torch's per-worker seed (module level: works under spawn)."
@@ -409,7 +418,7 @@ def fit(model: nn.Module,                  # any lungseg model: batch [B,1,H,W] 
                                                     find_unused_parameters=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ValueError("Every parameter of the model is frozen: nothing to train. Freeze fewer groups.")
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_adam(params, cfg)
     sched = _scheduler(opt, cfg)
     amp_fp16 = device.type == 'cuda' and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler('cuda') if amp_fp16 else None
