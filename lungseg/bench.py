@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_bench.ipynb #d63e314b
 from __future__ import annotations
-import argparse, json, os, platform, statistics, sys, threading, time
+import argparse, copy, json, os, platform, statistics, sys, threading, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -12,16 +12,19 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .baselines import MODEL_NAMES, build_model
 from .blocks import SegOutput, count_params
 from .metrics import total_loss
+from .train import TrainConfig, make_adam
 
 # %% auto #0
 __all__ = ['BenchConfig', 'PeakMemory', 'make_batch', 'prepare', 'train_step_times', 'latency_ms', 'train_flops',
-           'monai_unet_like', 'compare_with_monai', 'component_shares', 'measure_model', 'machine_info',
-           'run_benchmarks', 'results_table', 'main']
+           'monai_unet_like', 'compare_with_monai', 'step_phases', 'op_kinds', 'plain_dilated', 'cut_gains',
+           'isolated_ms', 'component_shares', 'measure_model', 'machine_info', 'run_benchmarks', 'results_table',
+           'main', 'show_results']
 
 # %% ../nbs/11_bench.ipynb #dc1d11ae
 @dataclass
@@ -127,12 +130,12 @@ def _autocast(cfg: BenchConfig):
 def train_step_times(model: nn.Module, # a prepared model (see `prepare`)
                      cfg: BenchConfig, # batch, steps, warmup, device, bf16
                      batch: tuple|None=None, # (x, mask, has_nodule); default `make_batch(cfg)`
-                     opt: torch.optim.Optimizer|None=None, # default Adam(lr 1e-3, weight decay 1e-8)
+                     opt: torch.optim.Optimizer|None=None, # default: `fit`'s Adam (`make_adam`, lr 1e-3, weight decay 1e-8)
                     ) -> list[float]:
     "Seconds per training step (forward, Eq. 7 loss, backward, Adam), `cfg.steps` of them after `cfg.warmup`."
     device = torch.device(cfg.device)
     x, mask, has = _to_device(batch if batch is not None else make_batch(cfg), cfg)
-    opt = opt or torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-8)
+    opt = opt or make_adam(model.parameters(), TrainConfig())
     model.train()
     times = []
     for i in range(cfg.warmup + cfg.steps):
@@ -159,14 +162,18 @@ def latency_ms(model: nn.Module, cfg: BenchConfig) -> float:
         if i >= cfg.warmup: ts.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(ts)
 
-def train_flops(model: nn.Module, cfg: BenchConfig) -> int:
-    "FLOPs of one training step's forward and backward (counted by torch's FlopCounterMode on the CPU)."
+def train_flops(model: nn.Module, # moved to the CPU for the count
+                cfg: BenchConfig, # batch and size
+                count_batch: int|None=2, # count on this many images and scale to `cfg.batch` (None: the whole batch)
+               ) -> int:
+    "FLOPs of one training step's forward and backward (torch's FlopCounterMode, on the CPU)."
     m = model.to('cpu').train()
-    x, mask, has = make_batch(cfg)
+    n = cfg.batch if count_batch is None else min(count_batch, cfg.batch)
+    x, mask, has = make_batch(replace(cfg, batch=n, device='cpu'))
     with FlopCounterMode(display=False) as fc:
         loss, _ = total_loss(m(x), mask, has); loss.backward()
     m.zero_grad(set_to_none=True)
-    return fc.get_total_flops()
+    return fc.get_total_flops() * cfg.batch // n   # convolutions and products are linear in the batch
 
 # %% ../nbs/11_bench.ipynb #bafb6b13
 def monai_unet_like(widths: tuple, # lungseg `UNetConfig.widths`: channels at H, H/2, ..., the bottom
@@ -184,7 +191,7 @@ def compare_with_monai(cfg: BenchConfig) -> dict:
     ref = monai_unet_like(ours.cfg.widths)
     models = {'lungseg': prepare(ours, cfg), 'monai': prepare(ref, cfg)}
     batch = make_batch(cfg)
-    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-8) for k, m in models.items()}
+    opts = {k: make_adam(m.parameters(), TrainConfig()) for k, m in models.items()}
     med = {k: [] for k in models}
     for r in range(cfg.repeats):
         for k, m in models.items():
@@ -195,9 +202,135 @@ def compare_with_monai(cfg: BenchConfig) -> dict:
                 ratio_min=min(ratios), ratio_max=max(ratios), rounds=cfg.repeats,
                 lungseg_params=count_params(ours), monai_params=count_params(ref))
 
+# %% ../nbs/11_bench.ipynb #prof02
+def step_phases(model: nn.Module, # a prepared model
+                cfg: BenchConfig, # batch, steps, warmup, device
+                batch: tuple|None=None, # default `make_batch(cfg)`
+                opt: torch.optim.Optimizer|None=None, # default: `fit`'s Adam (`make_adam`)
+               ) -> pd.Series:
+    "Median milliseconds per phase of a training step (forward, loss, backward, optimiser), after `cfg.warmup` steps."
+    device = torch.device(cfg.device)
+    x, mask, has = _to_device(batch if batch is not None else make_batch(cfg), cfg)
+    opt = opt or make_adam(model.parameters(), TrainConfig()); model.train()
+    ts = {k: [] for k in ('forward', 'loss', 'backward', 'optimiser')}
+    for i in range(cfg.warmup + cfg.steps):
+        clock = [time.perf_counter()]
+        def tick(): _sync(device); clock.append(time.perf_counter())
+        with _autocast(cfg): out = model(x)
+        tick(); loss, _ = total_loss(out, mask, has); tick()
+        opt.zero_grad(set_to_none=True); loss.backward(); tick(); opt.step(); tick()
+        if i >= cfg.warmup:
+            for k, a, b in zip(ts, clock[:-1], clock[1:]): ts[k].append(1e3 * (b - a))
+    return pd.Series({k: statistics.median(v) for k, v in ts.items()}, name='ms')
+
+def _op_kind(name: str) -> str:
+    n = name.lower()
+    if 'conv' in n: return 'convolution, backward' if 'backward' in n else 'convolution, forward'
+    if 'batch_norm' in n: return 'batch norm'
+    if n.split('::')[-1] in ('mm', 'bmm', 'addmm', 'baddbmm'): return 'matrix products'
+    if 'adam' in n: return 'optimiser kernel'
+    return 'other (elementwise, copies, cat, upsampling, ...)'
+
+def op_kinds(model: nn.Module, cfg: BenchConfig, batch: tuple|None=None) -> pd.DataFrame:
+    "Profiler self time (GPU: kernel time) per kind of operator over `cfg.steps` training steps: ms per step and share."
+    from torch.profiler import profile, ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(cfg.device).type == 'cuda' else [])
+    train_step_times(model, replace(cfg, steps=0), batch)              # warm up outside the profile
+    with profile(activities=acts) as prof:
+        train_step_times(model, replace(cfg, warmup=0), batch)
+    kinds, on_gpu = {}, torch.device(cfg.device).type == 'cuda'
+    for ev in prof.key_averages():
+        if ev.key.startswith(('aten::', 'mkldnn::')) or 'adam' in ev.key.lower():
+            us = ev.self_device_time_total if on_gpu else ev.self_cpu_time_total   # on a GPU: kernel time, not launch time
+            kinds[_op_kind(ev.key)] = kinds.get(_op_kind(ev.key), 0.) + us / 1e3 / cfg.steps
+    df = pd.DataFrame({'ms_per_step': pd.Series(kinds)}).sort_values('ms_per_step', ascending=False)
+    df['share'] = df.ms_per_step / df.ms_per_step.sum()
+    return df.round(3)
+
+# %% ../nbs/11_bench.ipynb #prof05
+def plain_dilated(model: nn.Module) -> nn.Module:
+    "A copy of `model` with every `AtrousConv2d` replaced by a plain `nn.Conv2d` holding the same weights."
+    from lungseg.blocks import AtrousConv2d
+    model = copy.deepcopy(model)
+    for mod in list(model.modules()):
+        for name, child in mod.named_children():
+            if isinstance(child, AtrousConv2d):
+                plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                                  child.dilation, child.groups, child.bias is not None).to(child.weight.device)
+                plain.load_state_dict(child.state_dict()); setattr(mod, name, plain)
+    return model
+
+def _std_head_ms(fn, cfg: BenchConfig) -> float:
+    "Median ms of forward + backward of an STD iteration `fn` on a [batch, 1, size, size] batch of logits."
+    from lungseg.std import STDSigmoid
+    head, dev = STDSigmoid().to(cfg.device), torch.device(cfg.device)
+    g = torch.Generator().manual_seed(0)
+    u = (3 * torch.randn(cfg.batch, 1, cfg.size, cfg.size, generator=g)).to(dev).requires_grad_()
+    c, target = torch.rand(cfg.batch, generator=g).to(dev), (u.detach() > 0).float()
+    ts = []
+    for i in range(cfg.warmup + cfg.steps):
+        _sync(dev); t0 = time.perf_counter()
+        z = fn(u, c, eps=head.eps, lam1=head.lam1, lam2=head.lam2, sigma=head.sigma, n_iter=head.n_iter)
+        F.binary_cross_entropy_with_logits(z, target).backward(); u.grad = None; head.zero_grad()
+        _sync(dev)
+        if i >= cfg.warmup: ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+def cut_gains(cfg: BenchConfig) -> dict:
+    "Each cut against its old form in the same run, interleaved (old / new: above 1 is a gain), plus FLOPs saved."
+    from lungseg.std import std_logits, std_logits_reference
+    torch.manual_seed(0)
+    model = build_model('proposed', cfg.preset)
+    plain = plain_dilated(model)
+    flop_ratio = train_flops(plain, cfg) / train_flops(model, cfg)
+    runs = {'now': prepare(model, cfg), 'plain_dilated': prepare(plain, cfg)}
+    batch = make_batch(cfg)
+    unfused = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-8)   # torch's CPU default: a loop
+    t = {k: [] for k in ('now', 'plain_dilated', 'unfused_adam', 'opt_fused', 'opt_unfused', 'std_now', 'std_reference')}
+    for r in range(cfg.repeats):
+        c = replace(cfg, warmup=cfg.warmup if r == 0 else 0)
+        for k, m in runs.items(): t[k].append(statistics.median(train_step_times(m, c, batch)))
+        ph_f, ph_u = step_phases(runs['now'], c, batch), step_phases(runs['now'], c, batch, unfused(runs['now']))
+        t['opt_fused'].append(ph_f['optimiser']); t['opt_unfused'].append(ph_u['optimiser'])
+        t['unfused_adam'].append(ph_u.sum() / 1e3)
+        t['std_now'].append(_std_head_ms(std_logits, cfg)); t['std_reference'].append(_std_head_ms(std_logits_reference, cfg))
+    m = {k: statistics.median(v) for k, v in t.items()}
+    return {k: float(v) for k, v in dict(step_s=m['now'],
+                optimiser_ms=m['opt_fused'], optimiser_unfused_ms=m['opt_unfused'], fused_adam_speedup=m['opt_unfused'] / m['opt_fused'],
+                step_speedup_fused_adam=m['unfused_adam'] / m['now'],
+                atrous_flop_ratio=flop_ratio, atrous_speedup=m['plain_dilated'] / m['now'],
+                std_head_ms=m['std_now'], std_head_reference_ms=m['std_reference'], std_fold_speedup=m['std_reference'] / m['std_now']).items()}
+
 # %% ../nbs/11_bench.ipynb #7297cdfd
+def isolated_ms(model: nn.Module, # a prepared model
+                modules: list, # submodules of `model` to time
+                cfg: BenchConfig, # steps, warmup, device, bf16
+                batch: tuple|None=None, # default `make_batch(cfg)`
+               ) -> float:
+    "Median ms of forward + backward of `modules` run alone on the inputs they receive inside `model` (summed)."
+    device = torch.device(cfg.device)
+    x = _to_device(batch if batch is not None else make_batch(cfg), cfg)[0]
+    seen = {}
+    def keep(i): return lambda mod, args, out: seen.__setitem__(i, [a.detach() if torch.is_tensor(a) else a for a in args])
+    hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad(), _autocast(cfg): model.train()(x)     # one forward, to capture each module's inputs
+    finally:
+        for h in hooks: h.remove()
+    ts = []
+    for step in range(cfg.warmup + cfg.steps):
+        _sync(device); t0 = time.perf_counter()
+        for i, m in enumerate(modules):
+            args = [a.clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in seen[i]]
+            with _autocast(cfg): out = m(*args)
+            out.float().sum().backward()
+        _sync(device)
+        if step >= cfg.warmup: ts.append(time.perf_counter() - t0)
+    for m in modules: m.zero_grad(set_to_none=True)
+    return 1e3 * statistics.median(ts)
+
 def component_shares(cfg: BenchConfig) -> dict:
-    "Share of a proposed-model training step spent in the STD head and in the combination blocks (by difference)."
+    "Share of a proposed-model training step spent in the STD head and in the combination blocks (by difference, and in isolation)."
     from lungseg.models import ProposedConfig, ProposedModel
     pcfg = getattr(ProposedConfig, cfg.preset)()
     torch.manual_seed(0)
@@ -205,7 +338,7 @@ def component_shares(cfg: BenchConfig) -> dict:
     no_comb = ProposedModel(replace(pcfg, combine=False))
     batch = make_batch(cfg)
     runs = {'full': prepare(full, cfg), 'no_combination': prepare(no_comb, cfg)}
-    t = {'full': [], 'no_std': [], 'no_combination': []}
+    t = {'full': [], 'no_std': [], 'no_combination': [], 'std_alone': [], 'combination_alone': []}
     for r in range(cfg.repeats):
         c = replace(cfg, warmup=cfg.warmup if r == 0 else 0)
         t['full'].append(statistics.median(train_step_times(runs['full'], c, batch)))
@@ -213,10 +346,14 @@ def component_shares(cfg: BenchConfig) -> dict:
         t['no_std'].append(statistics.median(train_step_times(runs['full'], c, batch)))
         full.std_enabled = True
         t['no_combination'].append(statistics.median(train_step_times(runs['no_combination'], c, batch)))
+        t['std_alone'].append(isolated_ms(runs['full'], [full.std_head], c, batch) / 1e3)
+        t['combination_alone'].append(isolated_ms(runs['full'], list(full.combination.values()), c, batch) / 1e3)
     m = {k: statistics.median(v) for k, v in t.items()}
     return dict(step_s=m['full'], std_share=(m['full'] - m['no_std']) / m['full'],
                 combination_share=(m['full'] - m['no_combination']) / m['full'],
-                step_no_std_s=m['no_std'], step_no_combination_s=m['no_combination'])
+                std_share_isolated=m['std_alone'] / m['full'], combination_share_isolated=m['combination_alone'] / m['full'],
+                step_no_std_s=m['no_std'], step_no_combination_s=m['no_combination'],
+                std_alone_s=m['std_alone'], combination_alone_s=m['combination_alone'])
 
 # %% ../nbs/11_bench.ipynb #c8f2d62b
 def measure_model(name: str, cfg: BenchConfig) -> dict:
@@ -247,14 +384,18 @@ def machine_info(cfg: BenchConfig) -> dict:
 def run_benchmarks(cfg: BenchConfig, # what to measure
                    progress: bool=True, # a progress bar over the models
                   ) -> dict:
-    "Every measurement of this notebook: the per-model table, the MONAI ratio, the component shares, the machine."
+    "Every measurement of this notebook: per-model table, MONAI ratio, component shares, profile, cuts, machine."
     from tqdm.auto import tqdm
     if cfg.threads: torch.set_num_threads(cfg.threads)
     if torch.device(cfg.device).type == 'cuda': torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
     rows = [measure_model(n, cfg) for n in tqdm(cfg.models, desc='models', disable=not progress)]
+    torch.manual_seed(0)
+    proposed = prepare(build_model('proposed', cfg.preset), cfg)
+    profile = dict(phases_ms=step_phases(proposed, cfg).round(3).to_dict(), op_kinds=op_kinds(proposed, cfg).to_dict('index'))
     res = dict(settings=asdict(cfg), machine=machine_info(cfg), models=rows,
-               monai_reference=compare_with_monai(cfg), components=component_shares(cfg))
+               monai_reference=compare_with_monai(cfg), components=component_shares(cfg),
+               profile_proposed=profile, cuts=cut_gains(cfg))
     res['wall_s'] = time.perf_counter() - t0
     return res
 
@@ -288,10 +429,32 @@ def main(argv: list|None=None) -> dict:
     print(results_table(res).to_string())
     ref, comp = res['monai_reference'], res['components']
     print(f"U-Net step time, lungseg / MONAI: {ref['ratio']:.3f} (rounds: {ref['ratio_min']:.3f}-{ref['ratio_max']:.3f})")
-    print(f"proposed model: STD head {100 * comp['std_share']:.1f}% of a step, combination blocks {100 * comp['combination_share']:.1f}%")
+    print(f"proposed model: STD head {100 * comp['std_share_isolated']:.1f}% of a step in isolation ({100 * comp['std_share']:.1f}% by "
+          f"difference), combination blocks {100 * comp['combination_share_isolated']:.1f}% ({100 * comp['combination_share']:.1f}%)")
+    ph, cuts = res['profile_proposed']['phases_ms'], res['cuts']
+    print('proposed model, ms per step: ' + ', '.join(f'{k} {v:.1f}' for k, v in ph.items()))
+    print(f"cuts (old / new): fused Adam {cuts['fused_adam_speedup']:.2f}x on the optimiser, AtrousConv2d "
+          f"{cuts['atrous_flop_ratio']:.2f}x fewer FLOPs, folded STD head {cuts['std_fold_speedup']:.2f}x")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(a.out.suffix + '.tmp'); tmp.write_text(json.dumps(res, indent=1)); tmp.replace(a.out)
     print(f'wrote {a.out}')
     return res
 
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: main()
+
+# %% ../nbs/11_bench.ipynb #show01
+def show_results(res: dict):
+    "Display a `run_benchmarks` result: the per-model table, the MONAI ratio, the shares, the profile and the cuts."
+    from IPython.display import display
+    display(results_table(res))
+    ref, comp, cuts = res['monai_reference'], res['components'], res['cuts']
+    print(f"U-Net step, lungseg / MONAI: {ref['ratio']:.3f} (per round {ref['ratio_min']:.3f}-{ref['ratio_max']:.3f}, {ref['rounds']} rounds)")
+    print(f"proposed step {1e3 * comp['step_s']:.0f} ms: STD head {100 * comp['std_share_isolated']:.1f}% in isolation "
+          f"({100 * comp['std_share']:.1f}% by difference), combination blocks {100 * comp['combination_share_isolated']:.1f}% "
+          f"({100 * comp['combination_share']:.1f}%)")
+    print(f"cuts, old / new: fused Adam: optimiser {cuts['fused_adam_speedup']:.2f}x ({cuts['optimiser_unfused_ms']:.1f} -> "
+          f"{cuts['optimiser_ms']:.1f} ms), step {cuts['step_speedup_fused_adam']:.2f}x; AtrousConv2d: FLOPs {cuts['atrous_flop_ratio']:.2f}x, "
+          f"step {cuts['atrous_speedup']:.2f}x; folded STD head {cuts['std_fold_speedup']:.2f}x ({cuts['std_head_reference_ms']:.1f} -> {cuts['std_head_ms']:.1f} ms)")
+    prof = res['profile_proposed']
+    display(pd.DataFrame({'ms per step': prof['phases_ms']}).T.round(1))
+    display(pd.DataFrame(prof['op_kinds']).T)
