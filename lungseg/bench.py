@@ -60,7 +60,7 @@ class BenchConfig:
     @classmethod
     def gpu(cls, **kw):
         "The GPU path: paper preset at 128 x 128, throughput batch 256, bf16, channels_last."
-        return cls(**{**dict(device='cuda', batch=256, steps=10, warmup=3, repeats=5, latency_reps=20,
+        return cls(**{**dict(device='cuda', batch=256, steps=10, warmup=3, repeats=3, latency_reps=20,
                               bf16=True, channels_last=True), **kw})
 
 # %% ../nbs/11_bench.ipynb #354e168e
@@ -381,22 +381,31 @@ def machine_info(cfg: BenchConfig) -> dict:
     except ImportError: pass
     return info
 
+def _write_json(res: dict, path: Path):
+    "Write `res` as JSON atomically (a reader never sees half a file)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + '.tmp'); tmp.write_text(json.dumps(res, indent=1)); tmp.replace(path)
+
 def run_benchmarks(cfg: BenchConfig, # what to measure
                    progress: bool=True, # a progress bar over the models
+                   save_to: Path|None=None, # if given, the JSON is rewritten after every part (a time-out keeps what was done)
                   ) -> dict:
     "Every measurement of this notebook: per-model table, MONAI ratio, component shares, profile, cuts, machine."
     from tqdm.auto import tqdm
     if cfg.threads: torch.set_num_threads(cfg.threads)
     if torch.device(cfg.device).type == 'cuda': torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
-    rows = [measure_model(n, cfg) for n in tqdm(cfg.models, desc='models', disable=not progress)]
+    res = dict(settings=asdict(cfg), machine=machine_info(cfg), models=[])
+    def done(key, value):
+        res[key] = value; res['wall_s'] = time.perf_counter() - t0
+        if save_to is not None: _write_json(res, save_to)
+    for n in tqdm(cfg.models, desc='models', disable=not progress): done('models', res['models'] + [measure_model(n, cfg)])
+    done('monai_reference', compare_with_monai(cfg))
+    done('components', component_shares(cfg))
     torch.manual_seed(0)
     proposed = prepare(build_model('proposed', cfg.preset), cfg)
-    profile = dict(phases_ms=step_phases(proposed, cfg).round(3).to_dict(), op_kinds=op_kinds(proposed, cfg).to_dict('index'))
-    res = dict(settings=asdict(cfg), machine=machine_info(cfg), models=rows,
-               monai_reference=compare_with_monai(cfg), components=component_shares(cfg),
-               profile_proposed=profile, cuts=cut_gains(cfg))
-    res['wall_s'] = time.perf_counter() - t0
+    done('profile_proposed', dict(phases_ms=step_phases(proposed, cfg).round(3).to_dict(), op_kinds=op_kinds(proposed, cfg).to_dict('index')))
+    done('cuts', cut_gains(cfg))
     return res
 
 def results_table(res: dict) -> pd.DataFrame:
@@ -425,7 +434,7 @@ def main(argv: list|None=None) -> dict:
     kw = {k: v for k, v in dict(models=tuple(a.models) if a.models else None, batch=a.batch, steps=a.steps,
                                   repeats=a.repeats, threads=a.threads).items() if v is not None}
     cfg = replace(cfg, compile=a.compile, **kw)
-    res = run_benchmarks(cfg)
+    res = run_benchmarks(cfg, save_to=a.out)   # rewritten after every part
     print(results_table(res).to_string())
     ref, comp = res['monai_reference'], res['components']
     print(f"U-Net step time, lungseg / MONAI: {ref['ratio']:.3f} (rounds: {ref['ratio_min']:.3f}-{ref['ratio_max']:.3f})")
@@ -435,8 +444,6 @@ def main(argv: list|None=None) -> dict:
     print('proposed model, ms per step: ' + ', '.join(f'{k} {v:.1f}' for k, v in ph.items()))
     print(f"cuts (old / new): fused Adam {cuts['fused_adam_speedup']:.2f}x on the optimiser, AtrousConv2d "
           f"{cuts['atrous_flop_ratio']:.2f}x fewer FLOPs, folded STD head {cuts['std_fold_speedup']:.2f}x")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(a.out.suffix + '.tmp'); tmp.write_text(json.dumps(res, indent=1)); tmp.replace(a.out)
     print(f'wrote {a.out}')
     return res
 

@@ -17,7 +17,7 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-timeout 240 python3 -m lungseg.bench --gpu --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
-timeout 150 python3 -m lungseg.bench --gpu --compile --models unet proposed --out "$OUT/bench_gpu_compile.json" 2>&1 | tee "$OUT/bench_gpu_compile.log"
-timeout 150 python3 -m lungseg.cli train --model proposed --preset paper --epochs 3 --device cuda --out "$OUT/train_paper" 2>&1 | tail -40 | tee "$OUT/train_paper.log"
+timeout 300 python3 -m lungseg.bench --gpu --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+timeout 120 python3 -m lungseg.bench --gpu --compile --models unet proposed --out "$OUT/bench_gpu_compile.json" 2>&1 | tee "$OUT/bench_gpu_compile.log"
+timeout 120 python3 -m lungseg.cli train --model proposed --preset paper --epochs 3 --device cuda --out "$OUT/train_paper" 2>&1 | tail -40 | tee "$OUT/train_paper.log"
 echo "done"
