@@ -23,9 +23,10 @@ from .std import STDExplorer
 from .train import TrainConfig, fit, predict_case, model_spec, build_from_spec, load_trained
 
 # %% auto #0
-__all__ = ['LIDC_TEXTURE', 'SIZE_BINS', 'MODEL_LABELS', 'LIDC_CREDIT', 'MODEL_COLOURS', 'SORTS', 'cache_dir', 'CompareConfig',
-           'equivalent_diameter_mm', 'nodule_groups', 'Comparison', 'compare_models', 'load_comparison',
-           'load_or_train', 'draw_case', 'best_slice', 'CaseBrowser', 'slice_logits', 'model_explorer', 'figure4']
+__all__ = ['LIDC_TEXTURE', 'SIZE_BINS', 'MODEL_LABELS', 'LIDC_CREDIT', 'MODEL_COLOURS', 'SORTS', 'cache_dir', 'code_fingerprint',
+           'CompareConfig', 'equivalent_diameter_mm', 'nodule_groups', 'Comparison', 'compare_models',
+           'load_comparison', 'load_or_train', 'draw_case', 'best_slice', 'CaseBrowser', 'slice_logits',
+           'model_explorer', 'figure4']
 
 # %% ../nbs/10_compare.ipynb #c0659e15
 def cache_dir() -> Path:
@@ -35,6 +36,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache').expanduser() / 'lungseg'
 
 # %% ../nbs/10_compare.ipynb #33e89920
+def code_fingerprint(root=None, # a package folder; default: the installed lungseg's
+                    ) -> str:
+    "Short hash of the lungseg source that shapes a comparison (every module but `cli`, `bench` and `_modidx`)."
+    import lungseg
+    root = Path(root) if root is not None else Path(lungseg.__file__).parent
+    h = hashlib.sha1()
+    for f in sorted(root.glob('*.py')):
+        if f.stem in ('cli', 'bench', '_modidx'): continue
+        h.update(f.name.encode()); h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
 @dataclass
 class CompareConfig:
     "Which data and models the comparison widgets show, and how to train them when no checkpoint is cached."
@@ -78,8 +90,9 @@ class CompareConfig:
         return 'lidc' if find_lidc() is not None else 'phantoms'
 
     def key(self) -> str:
-        "Short hash naming this configuration's cache folder (the progress switch excluded)."
+        "Short hash naming this configuration's cache folder (the progress switch excluded, lungseg's code fingerprint included)."
         d = {k: v for k, v in asdict(self).items() if k != 'progress'}
+        d['code'] = code_fingerprint()
         d['data'] = self.resolved_data()
         if d['data'] not in ('lidc', 'phantoms') and not d['data'].startswith('phantoms:'): d['data'] = str(Path(d['data']).expanduser().resolve())
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
