@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .baselines import MODEL_NAMES, build_model
+from .data import _atomic_write
 from .blocks import SegOutput, count_params
 from .metrics import total_loss
 from .train import TrainConfig, make_adam
@@ -127,40 +128,45 @@ def _to_device(batch, cfg):
 def _autocast(cfg: BenchConfig):
     return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
+def _timed(fn, device, warmup: int, n: int) -> list[float]:
+    "Seconds per call of `fn()`, `n` calls after `warmup` untimed ones, the device synchronised around each."
+    device, ts = torch.device(device), []
+    for i in range(warmup + n):
+        _sync(device); t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup: ts.append(time.perf_counter() - t0)
+    return ts
+
+def _rounds(cfg: BenchConfig) -> list[BenchConfig]:
+    "The settings of each interleaved round: the warm-up steps in the first round only."
+    return [replace(cfg, warmup=cfg.warmup if r == 0 else 0) for r in range(cfg.repeats)]
+
 def train_step_times(model: nn.Module, # a prepared model (see `prepare`)
                      cfg: BenchConfig, # batch, steps, warmup, device, bf16
                      batch: tuple|None=None, # (x, mask, has_nodule); default `make_batch(cfg)`
                      opt: torch.optim.Optimizer|None=None, # default: `fit`'s Adam (`make_adam`, lr 1e-3, weight decay 1e-8)
                     ) -> list[float]:
     "Seconds per training step (forward, Eq. 7 loss, backward, Adam), `cfg.steps` of them after `cfg.warmup`."
-    device = torch.device(cfg.device)
     x, mask, has = _to_device(batch if batch is not None else make_batch(cfg), cfg)
     opt = opt or make_adam(model.parameters(), TrainConfig())
     model.train()
-    times = []
-    for i in range(cfg.warmup + cfg.steps):
-        _sync(device); t0 = time.perf_counter()
+    def step():
         with _autocast(cfg):
             out = model(x)
         loss, _ = total_loss(out, mask, has)
         opt.zero_grad(set_to_none=True)
         loss.backward(); opt.step()
-        _sync(device)
-        if i >= cfg.warmup: times.append(time.perf_counter() - t0)
-    return times
+    return _timed(step, cfg.device, cfg.warmup, cfg.steps)
 
 @torch.no_grad()
 def latency_ms(model: nn.Module, cfg: BenchConfig) -> float:
     "Median inference latency of one patch [1,1,H,W] in eval mode, milliseconds."
-    device = torch.device(cfg.device)
     x = _to_device(make_batch(replace(cfg, batch=1)), cfg)[0]
-    model.eval(); ts = []
-    for i in range(cfg.warmup + cfg.latency_reps):
-        _sync(device); t0 = time.perf_counter()
+    model.eval()
+    def forward():
         with _autocast(cfg): model(x)
-        _sync(device)
-        if i >= cfg.warmup: ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * statistics.median(_timed(forward, cfg.device, cfg.warmup, cfg.latency_reps))
 
 def train_flops(model: nn.Module, # moved to the CPU for the count
                 cfg: BenchConfig, # batch and size
@@ -193,9 +199,8 @@ def compare_with_monai(cfg: BenchConfig) -> dict:
     batch = make_batch(cfg)
     opts = {k: make_adam(m.parameters(), TrainConfig()) for k, m in models.items()}
     med = {k: [] for k in models}
-    for r in range(cfg.repeats):
-        for k, m in models.items():
-            med[k].append(statistics.median(train_step_times(m, replace(cfg, warmup=cfg.warmup if r == 0 else 0), batch, opts[k])))
+    for c in _rounds(cfg):
+        for k, m in models.items(): med[k].append(statistics.median(train_step_times(m, c, batch, opts[k])))
     ratios = [a / b for a, b in zip(med['lungseg'], med['monai'])]
     return dict(lungseg_step_s=statistics.median(med['lungseg']), monai_step_s=statistics.median(med['monai']),
                 ratio=statistics.median(med['lungseg']) / statistics.median(med['monai']),
@@ -267,14 +272,10 @@ def _std_head_ms(fn, cfg: BenchConfig) -> float:
     g = torch.Generator().manual_seed(0)
     u = (3 * torch.randn(cfg.batch, 1, cfg.size, cfg.size, generator=g)).to(dev).requires_grad_()
     c, target = torch.rand(cfg.batch, generator=g).to(dev), (u.detach() > 0).float()
-    ts = []
-    for i in range(cfg.warmup + cfg.steps):
-        _sync(dev); t0 = time.perf_counter()
+    def step():
         z = fn(u, c, eps=head.eps, lam1=head.lam1, lam2=head.lam2, sigma=head.sigma, n_iter=head.n_iter)
         F.binary_cross_entropy_with_logits(z, target).backward(); u.grad = None; head.zero_grad()
-        _sync(dev)
-        if i >= cfg.warmup: ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * statistics.median(_timed(step, dev, cfg.warmup, cfg.steps))
 
 def cut_gains(cfg: BenchConfig) -> dict:
     "Each cut against its old form in the same run, interleaved (old / new: above 1 is a gain), plus FLOPs saved."
@@ -285,10 +286,10 @@ def cut_gains(cfg: BenchConfig) -> dict:
     flop_ratio = train_flops(plain, cfg) / train_flops(model, cfg)
     runs = {'now': prepare(model, cfg), 'plain_dilated': prepare(plain, cfg)}
     batch = make_batch(cfg)
-    unfused = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-8)   # torch's CPU default: a loop
+    tc = TrainConfig()
+    unfused = lambda m: torch.optim.Adam(m.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)   # torch's CPU default: a loop
     t = {k: [] for k in ('now', 'plain_dilated', 'unfused_adam', 'opt_fused', 'opt_unfused', 'std_now', 'std_reference')}
-    for r in range(cfg.repeats):
-        c = replace(cfg, warmup=cfg.warmup if r == 0 else 0)
+    for c in _rounds(cfg):
         for k, m in runs.items(): t[k].append(statistics.median(train_step_times(m, c, batch)))
         ph_f, ph_u = step_phases(runs['now'], c, batch), step_phases(runs['now'], c, batch, unfused(runs['now']))
         t['opt_fused'].append(ph_f['optimiser']); t['opt_unfused'].append(ph_u['optimiser'])
@@ -308,7 +309,6 @@ def isolated_ms(model: nn.Module, # a prepared model
                 batch: tuple|None=None, # default `make_batch(cfg)`
                ) -> float:
     "Median ms of forward + backward of `modules` run alone on the inputs they receive inside `model` (summed)."
-    device = torch.device(cfg.device)
     x = _to_device(batch if batch is not None else make_batch(cfg), cfg)[0]
     seen = {}
     def keep(i): return lambda mod, args, out: seen.__setitem__(i, [a.detach() if torch.is_tensor(a) else a for a in args])
@@ -317,15 +317,12 @@ def isolated_ms(model: nn.Module, # a prepared model
         with torch.no_grad(), _autocast(cfg): model.train()(x)     # one forward, to capture each module's inputs
     finally:
         for h in hooks: h.remove()
-    ts = []
-    for step in range(cfg.warmup + cfg.steps):
-        _sync(device); t0 = time.perf_counter()
+    def run_alone():
         for i, m in enumerate(modules):
             args = [a.clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in seen[i]]
             with _autocast(cfg): out = m(*args)
             out.float().sum().backward()
-        _sync(device)
-        if step >= cfg.warmup: ts.append(time.perf_counter() - t0)
+    ts = _timed(run_alone, cfg.device, cfg.warmup, cfg.steps)
     for m in modules: m.zero_grad(set_to_none=True)
     return 1e3 * statistics.median(ts)
 
@@ -339,8 +336,7 @@ def component_shares(cfg: BenchConfig) -> dict:
     batch = make_batch(cfg)
     runs = {'full': prepare(full, cfg), 'no_combination': prepare(no_comb, cfg)}
     t = {'full': [], 'no_std': [], 'no_combination': [], 'std_alone': [], 'combination_alone': []}
-    for r in range(cfg.repeats):
-        c = replace(cfg, warmup=cfg.warmup if r == 0 else 0)
+    for c in _rounds(cfg):
         t['full'].append(statistics.median(train_step_times(runs['full'], c, batch)))
         full.std_enabled = False
         t['no_std'].append(statistics.median(train_step_times(runs['full'], c, batch)))
@@ -381,11 +377,6 @@ def machine_info(cfg: BenchConfig) -> dict:
     except ImportError: pass
     return info
 
-def _write_json(res: dict, path: Path):
-    "Write `res` as JSON atomically (a reader never sees half a file)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + '.tmp'); tmp.write_text(json.dumps(res, indent=1)); tmp.replace(path)
-
 def run_benchmarks(cfg: BenchConfig, # what to measure
                    progress: bool=True, # a progress bar over the models
                    save_to: Path|None=None, # if given, the JSON is rewritten after every part (a time-out keeps what was done)
@@ -398,7 +389,7 @@ def run_benchmarks(cfg: BenchConfig, # what to measure
     res = dict(settings=asdict(cfg), machine=machine_info(cfg), models=[])
     def done(key, value):
         res[key] = value; res['wall_s'] = time.perf_counter() - t0
-        if save_to is not None: _write_json(res, save_to)
+        if save_to is not None: _atomic_write(Path(save_to), lambda p: p.write_text(json.dumps(res, indent=1)))   # never half a file
     for n in tqdm(cfg.models, desc='models', disable=not progress): done('models', res['models'] + [measure_model(n, cfg)])
     done('monai_reference', compare_with_monai(cfg))
     done('components', component_shares(cfg))

@@ -93,12 +93,17 @@ def _use_matmul(H: int, W: int, method: str) -> bool:
     if method not in ('auto', 'matmul', 'conv'): raise ValueError(f"method must be 'auto', 'matmul' or 'conv'; got {method!r}")
     return method == 'matmul' or (method == 'auto' and max(H, W) <= 1024)
 
+def _std_matrices(sigma, H: int, W: int, truncate: float = 4., dtype=None, device=None) -> tuple:
+    "The zero-padded Toeplitz matrices (K_y [H, H], K_x [W, W]) whose product K_y X K_x applies K."
+    k = std_kernel1d(sigma, truncate, max_radius=max(H, W) - 1, dtype=dtype, device=device)
+    return _toeplitz(k, H), _toeplitz(k, W)
+
 def _std_operator(sigma, H: int, W: int, truncate: float = 4., dtype=None, device=None, method: str = 'auto'):
     "The STD operator $K$ for H x W images, as a function of x [B, C, H, W] (kernel built once)."
-    k = std_kernel1d(sigma, truncate, max_radius=max(H, W) - 1, dtype=dtype, device=device)
     if _use_matmul(H, W, method):
-        Ky, Kx = _toeplitz(k, H), _toeplitz(k, W)
+        Ky, Kx = _std_matrices(sigma, H, W, truncate, dtype, device)
         return lambda x: Ky @ x @ Kx
+    k = std_kernel1d(sigma, truncate, max_radius=max(H, W) - 1, dtype=dtype, device=device)
     R = (k.numel() - 1) // 2
     rx, ry = min(R, W - 1), min(R, H - 1)
     kx, ky = k[R - rx:R + rx + 1].view(1, 1, 1, -1), k[R - ry:R + ry + 1].view(1, 1, -1, 1)
@@ -183,8 +188,7 @@ def _std_update(b: torch.Tensor, # the fixed numerator u - lam2 (1 - c), [B, C, 
         K = _std_operator(sigma, H, W, truncate, b.dtype, b.device, 'conv')
         a = (b - lam1 * K(torch.ones_like(b[:1, :1]))) / eps
         return lambda x: a + s * K(x)
-    k = std_kernel1d(sigma, truncate, max_radius=max(H, W) - 1, dtype=b.dtype, device=b.device)
-    Ky, Kx = _toeplitz(k, H), _toeplitz(k, W)
+    Ky, Kx = _std_matrices(sigma, H, W, truncate, b.dtype, b.device)
     KI = Ky.sum(1, keepdim=True) * Kx.sum(0, keepdim=True)   # K applied to the all-ones image: (K_y 1)(1^T K_x)
     a = ((b - lam1 * KI) / eps).reshape(B * C, H, W)
     Ky, Kx = Ky.expand(B * C, H, H), s * Kx                # the scale rides on the small W x W matrix
