@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'CTFileError', 'CTVolume', 'volume_suffix', 'volume_stem',
-           'read_volume', 'write_volume', 'write_dicom_series', 'Case', 'check_mask', 'load_case_folder',
+           'read_volume', 'write_volume', 'save_figure', 'write_dicom_series', 'Case', 'check_mask', 'load_case_folder',
            'write_case_folder', 'lidc_dir', 'find_lidc', 'resample_volume', 'read_luna_csv', 'luna_to_voxel',
            'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'extract_slices', 'normalize_hu', 'SliceDataset',
            'kfold_split', 'holdout_split']
@@ -260,6 +260,17 @@ def write_volume(vol:CTVolume, # the volume (image or mask) to write
         raise CTFileError(path, f"cannot write format {volume_suffix(path)!r}", f"Use one of {', '.join(WRITE_SUFFIXES)}")
     img = vol.to_sitk()
     _atomic_write(path, lambda p: sitk.WriteImage(img, str(p), compress or volume_suffix(p) == '.nii.gz'))
+
+# %% ../nbs/01_data.ipynb #4d9d6be7
+def save_figure(fig, # a matplotlib figure
+                name:str, # file name inside `folder`, e.g. '01_data_spacing.png' (.svg for vector)
+                folder='../images', # where the course's figures live (relative to nbs/)
+                dpi:int=150) -> Path|None: # 150 dpi or more: sharp on slides
+    "Save a notebook figure only when asked for (`LUNGSEG_SAVE_FIGS=1`) and never under `nbdev_test`, atomically; the path or None."
+    if os.environ.get('IN_TEST') or os.environ.get('LUNGSEG_SAVE_FIGS', '') in ('', '0'): return None
+    path = Path(folder) / name
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, bbox_inches='tight'))
+    return path
 
 # %% ../nbs/01_data.ipynb #c025
 def write_dicom_series(vol:CTVolume, # image in HU (integer-valued)
