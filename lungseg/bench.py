@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_bench.ipynb #d63e314b
 from __future__ import annotations
-import argparse, copy, json, os, platform, statistics, sys, threading, time
+import argparse, copy, json, os, platform, statistics, subprocess, sys, threading, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .train import TrainConfig, make_adam
 __all__ = ['BenchConfig', 'PeakMemory', 'make_batch', 'prepare', 'train_step_times', 'latency_ms', 'train_flops',
            'monai_unet_like', 'compare_with_monai', 'step_phases', 'op_kinds', 'plain_dilated', 'cut_gains',
            'isolated_ms', 'component_shares', 'measure_model', 'machine_info', 'run_benchmarks', 'results_table',
-           'main', 'show_results']
+           'main', 'show_results', 'thread_contention', 'contention_table']
 
 # %% ../nbs/11_bench.ipynb #dc1d11ae
 @dataclass
@@ -456,3 +456,54 @@ def show_results(res: dict):
     prof = res['profile_proposed']
     display(pd.DataFrame({'ms per step': prof['phases_ms']}).T.round(1))
     display(pd.DataFrame(prof['op_kinds']).T)
+
+# %% ../nbs/11_bench.ipynb #fc96eaea
+_STEP_SCRIPT = """
+import sys, time, torch
+from dataclasses import replace
+torch.set_num_threads(int(sys.argv[1]))
+from lungseg.bench import BenchConfig, make_batch, prepare, train_step_times
+from lungseg.baselines import build_model
+from lungseg.train import TrainConfig, make_adam
+cfg = BenchConfig.small(device='cpu', steps=1, warmup=0)
+m = prepare(build_model(sys.argv[2], 'small'), cfg); batch = make_batch(cfg); opt = make_adam(m.parameters(), TrainConfig())
+train_step_times(m, replace(cfg, warmup=2), batch, opt)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < float(sys.argv[3]): train_step_times(m, cfg, batch, opt); n += 1
+print(n / (time.perf_counter() - t0))
+"""
+
+def thread_contention(threads=(2, 1),                  # torch thread counts to compare
+                      policies=('default', 'PASSIVE'), # OMP_WAIT_POLICY: 'default' (unset: spin, then sleep) or 'PASSIVE'
+                      rounds: int = 3,                  # interleaved rounds (the machine's load drifts between them)
+                      seconds: float = 8.,              # timed training per measurement
+                      model: str = 'proposed',          # `build_model` name, small preset, batch 10 of 64 x 64
+                      progress: bool = True) -> pd.DataFrame:
+    "Training steps/s with each thread count and OpenMP wait policy, alone and beside a busy process on one core; one row per run."
+    rows = []
+    import lungseg
+    env0 = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS')}
+    env0['PYTHONPATH'] = os.pathsep.join([str(Path(lungseg.__file__).resolve().parents[1])] + ([env0['PYTHONPATH']] if env0.get('PYTHONPATH') else []))
+    for r in range(rounds):
+        for busy in (False, True):
+            for th in threads:
+                for pol in policies:
+                    if th == 1 and pol != policies[0]: continue   # one thread never waits for another
+                    env = {**env0, **({} if pol == 'default' else {'OMP_WAIT_POLICY': pol})}
+                    hog = subprocess.Popen([sys.executable, '-c', 'while True: pass']) if busy else None
+                    try:
+                        out = subprocess.run([sys.executable, '-c', _STEP_SCRIPT, str(th), model, str(seconds)], env=env,
+                                             capture_output=True, text=True, timeout=600 + 20 * seconds)
+                    finally:
+                        if hog is not None: hog.kill(); hog.wait()
+                    if out.returncode: raise RuntimeError(f"thread_contention: the timing process failed:\n{out.stderr[-2000:]}")
+                    rows.append(dict(round=r, threads=th, wait_policy=pol, competitor='busy core' if busy else 'none',
+                                     steps_per_s=float(out.stdout.split()[-1]), load=os.getloadavg()[0]))
+                    if progress: print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+def contention_table(df: pd.DataFrame) -> pd.DataFrame:
+    "`thread_contention` rows as a table: median [min-max] steps/s per setting, without and with a busy competitor."
+    cell = lambda s: f"{s.median():.2f} [{s.min():.2f}-{s.max():.2f}]"
+    t = df.groupby(['threads', 'wait_policy', 'competitor'], sort=False)['steps_per_s'].agg(cell).unstack('competitor')
+    return t[[c for c in ('none', 'busy core') if c in t.columns]]

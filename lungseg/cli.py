@@ -4,29 +4,66 @@
 
 # %% ../nbs/09a_cli.ipynb #85ee4185
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, json, os, shutil, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment', 'cmd_quickstart', 'cmd_bench', 'main']
+__all__ = ['MODEL_CHOICES', 'default_threads', 'build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment', 'cmd_quickstart',
+           'cmd_bench', 'main']
 
 # %% ../nbs/09a_cli.ipynb #6c950817
 _DATA_HELP = ("case folder (images/<id>.nii.gz + masks/<id>.nii.gz, any SimpleITK format or DICOM series folders), "
               "'lidc' for the LIDC sample ($LUNGSEG_LIDC_DIR or ../shared/data/lidc-nodules), or 'phantoms' / 'phantoms:N' "
               "for N synthetic cases")
 
+MODEL_CHOICES = ('proposed', 'unet', 'resunet', 'resunetpp', 'deeplabv3plus')   # lungseg.baselines.MODEL_NAMES (without importing torch)
+
+def _int_at_least(lo: int):
+    "An argparse `type=` for whole numbers >= `lo`: the error names the option (`argument --epochs: must be at least 1, got 0`)."
+    def parse(s: str) -> int:
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+        if v < lo: raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+    parse.__name__ = f'whole number >= {lo}'
+    return parse
+
+def _fraction(s: str) -> float:
+    "An argparse `type=` for a fraction strictly between 0 and 1."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s!r}") from None
+    if not 0 < v < 1: raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), e.g. 0.2; got {s}")
+    return v
+
+def _positive(s: str) -> float:
+    "An argparse `type=` for a finite number > 0 (a learning rate)."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not (np.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"must be a positive number, e.g. 1e-3; got {s}")
+    return v
+
+def default_threads() -> int:
+    "Default torch CPU threads: the cores this process may use, minus one (at least 1), so a busy neighbour cannot stall OpenMP."
+    try: n = len(os.sched_getaffinity(0))
+    except AttributeError: n = os.cpu_count() or 1
+    return max(1, n - 1)
+
+_THREADS_HELP = ("CPU threads for torch (default: the cores this process may use minus one, at least 1; here "
+                 f"{default_threads()}). All threads wait for each other at every step, so one core taken by another "
+                 "program stalls them all; on a shared machine give the number of cores that are yours")
+
 def _add_common(p, model=True, out_default=None):
     p.add_argument('--preset', choices=['small', 'paper'], default=None,
                    help="model, ROI and recipe size: 'small' (laptop CPU: small widths, 64 px ROIs, short recipe) or "
                         "'paper' (the paper's models, 128 px ROIs, 50 epochs; for a GPU). Default: small on CPU, paper on a GPU")
-    p.add_argument('--epochs', type=int, default=None, help="training epochs (default: the preset's)")
+    p.add_argument('--epochs', type=_int_at_least(1), default=None, help="training epochs (default: the preset's)")
     p.add_argument('--device', default='auto', help="'auto' (CUDA, then Apple MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    p.add_argument('--seed', type=int, default=0, help='seed of the split, the initialisation and the batches (default 0)')
-    p.add_argument('--batch-size', type=int, default=None, help='global batch size (default 10, as in the paper)')
-    p.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0: load in the main process)')
-    p.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch decides)')
+    p.add_argument('--seed', type=_int_at_least(0), default=0, help='seed of the split, the initialisation and the batches (default 0)')
+    p.add_argument('--batch-size', type=_int_at_least(1), default=None, help='global batch size (default 10, as in the paper)')
+    p.add_argument('--workers', type=_int_at_least(0), default=0, help='DataLoader worker processes (default 0: load in the main process)')
+    p.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
 
 def build_parser() -> argparse.ArgumentParser:
     "The `lungseg` argument parser (subcommands quickstart, train, evaluate, experiment, bench)."
@@ -42,25 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "test both on held-out phantoms (whole volumes, 3D metrics in mm), print the table and save "
                                    "a comparison figure. A few minutes on a laptop CPU.")
     q.add_argument('--out', default='lungseg_quickstart', help='folder for the table, figure and raw results (default lungseg_quickstart)')
-    q.add_argument('--cases', type=int, default=24, help='number of phantoms (default 24)')
-    q.add_argument('--epochs', type=int, default=8, help='training epochs per model (default 8)')
-    q.add_argument('--models', nargs='+', default=['proposed', 'unet'], help='models to compare (default: proposed unet)')
+    q.add_argument('--cases', type=_int_at_least(8), default=24, help='number of phantoms, at least 8 (default 24)')
+    q.add_argument('--epochs', type=_int_at_least(1), default=8, help='training epochs per model (default 8)')
+    q.add_argument('--models', nargs='+', choices=MODEL_CHOICES, default=['proposed', 'unet'], metavar='MODEL',
+                   help=f"models to compare, of {', '.join(MODEL_CHOICES)} (default: proposed unet)")
     q.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
-    q.add_argument('--seed', type=int, default=0, help='seed of the phantoms, split and training (default 0)')
-    q.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
+    q.add_argument('--seed', type=_int_at_least(0), default=0, help='seed of the phantoms, split and training (default 0)')
+    q.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
 
     t = sub.add_parser('train', help='train one model on a case folder; checkpoints each epoch (resumable)',
                        description="Train one model. Cases are split by patient into training and validation (--val-frac); "
                                    "every epoch writes OUT/last.pt, and OUT/best.pt when the validation Dice improves. "
                                    "Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.")
     t.add_argument('--data', required=True, help=_DATA_HELP)
-    t.add_argument('--model', default='proposed', help="proposed, unet, resunet, resunetpp or deeplabv3plus (default proposed)")
+    t.add_argument('--model', default='proposed', choices=MODEL_CHOICES, metavar='MODEL',
+                   help="proposed, unet, resunet, resunetpp or deeplabv3plus (default proposed)")
     t.add_argument('--out', required=True, help='folder for last.pt, best.pt and history.csv')
     t.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
     t.add_argument('--recipe', choices=['finetune', 'pretrain'], default=None,
                    help="the paper's recipes: 'finetune' (lr x0.75 every 5 epochs) or 'pretrain' (constant lr, no STD). Default: the preset's")
-    t.add_argument('--val-frac', type=float, default=0.2, help='fraction of the cases used for validation (default 0.2)')
-    t.add_argument('--lr', type=float, default=None, help='learning rate (default 1e-3)')
+    t.add_argument('--val-frac', type=_fraction, default=0.2, help='fraction of the cases used for validation, between 0 and 1 (default 0.2)')
+    t.add_argument('--lr', type=_positive, default=None, help='learning rate (default 1e-3)')
     t.add_argument('--no-std', action='store_true', help='proposed model: train without the STD head (as for pretraining)')
     t.add_argument('--init', default=None, help='start from the weights of this checkpoint (transfer learning)')
     t.add_argument('--freeze', nargs='*', default=[], help='proposed model: groups to freeze (S1 S5 S9 C1 FC), with --init')
@@ -75,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--data', required=True, help=_DATA_HELP)
     e.add_argument('--out', default=None, help='JSON file to write (default: print to stdout only)')
     e.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
-    e.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
+    e.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
 
     x = sub.add_parser('experiment', help="reproduce Table 1 (models), 2 (transfer learning) or 3 (ablations) with CV and a test split",
                        description="Run a table of the paper: k-fold cross-validation on the training split, the held-out "
@@ -83,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bootstrap 95%% CIs against the reference row, the classifier's AUC and calibration.")
     x.add_argument('table', choices=['table1', 'table2', 'table3'], help='table1: comparative study; table2: freezing strategies; table3: ablations')
     x.add_argument('--data', default='lidc', help=_DATA_HELP + " (default lidc)")
-    x.add_argument('--model', nargs='+', default=None, help='table1 only: the models to include (default: all five)')
-    x.add_argument('--folds', type=int, default=None, help='cross-validation folds (default: small 3, paper 5)')
-    x.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default: 0); the first also seeds the split')
-    x.add_argument('--test-frac', type=float, default=None, help='fraction of cases held out for testing (default: small 0.2, paper 11/56)')
+    x.add_argument('--model', nargs='+', default=None, choices=MODEL_CHOICES, metavar='MODEL',
+                   help='table1 only: the models to include (default: all five)')
+    x.add_argument('--folds', type=_int_at_least(1), default=None, help='cross-validation folds; 1: one 80/20 split (default: small 3, paper 5)')
+    x.add_argument('--seeds', type=_int_at_least(0), nargs='+', default=None, help='training seeds (default: 0); the first also seeds the split')
+    x.add_argument('--test-frac', type=_fraction, default=None, help='fraction of cases held out for testing, between 0 and 1 (default: small 0.2, paper 11/56)')
     x.add_argument('--out', default=None, help='folder for the tables (markdown), raw results (CSV) and protocol (JSON)')
     _add_common(x)
 
@@ -97,16 +137,36 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../nbs/09a_cli.ipynb #92e8c4f8
 def _setup_torch(a):
     import torch
-    if getattr(a, 'threads', None): torch.set_num_threads(a.threads)
+    torch.set_num_threads(getattr(a, 'threads', None) or default_threads())
+
+def _probe_dir(path: Path, opt: str):
+    "Fail now, not after hours of work, if folder `path` (created if missing) cannot be written; leaves the disk as it was."
+    if path.exists() and not path.is_dir(): raise NotADirectoryError(f"{opt} {path} is a file; it must be a folder.")
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix='.lungseg-probe-'); os.close(fd); os.unlink(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write to {opt} {path}: {e.strerror}. Choose a folder you can write to") from None
+    finally:
+        for p in made:   # deepest first: remove only what this probe created
+            try: p.rmdir()
+            except OSError: break
+
+def _write_output(path: Path, text: str, opt: str):
+    "Write `text` to `path` atomically; a full disk or Ctrl-C leaves no half-written file."
+    from lungseg.data import _atomic_write
+    try: _atomic_write(Path(path), lambda p: Path(p).write_text(text))
+    except OSError as e: raise OSError(e.errno, f"cannot write {opt} {path}: {e.strerror}") from None
 
 def _train_config(preset: str, recipe: str, a):
     from lungseg.train import TrainConfig
     if preset == 'small': cfg = TrainConfig.small(schedule='constant') if recipe == 'pretrain' else TrainConfig.small()
     else: cfg = TrainConfig.pretrain() if recipe == 'pretrain' else TrainConfig.finetune()
     kw = dict(device=a.device, seed=a.seed, num_workers=a.workers)
-    if a.epochs: kw['epochs'] = a.epochs
-    if a.batch_size: kw['batch_size'] = a.batch_size
-    if getattr(a, 'lr', None): kw['lr'] = a.lr
+    if a.epochs is not None: kw['epochs'] = a.epochs
+    if a.batch_size is not None: kw['batch_size'] = a.batch_size
+    if getattr(a, 'lr', None) is not None: kw['lr'] = a.lr
     return replace(cfg, **kw)
 
 def _json_safe(x):
@@ -116,11 +176,22 @@ def _json_safe(x):
     if isinstance(x, np.integer): return int(x)
     return x
 
+def _has_nodule(case) -> bool: return bool(np.asarray(case.mask).any())
+
+def _check_split(cases: list, data, n_needed: int, what: str):
+    "A clear error when `cases` hold fewer patients than a split needs; returns the grouping keys."
+    from lungseg.experiments import case_groups
+    groups = case_groups(cases)
+    if len(set(groups)) < n_needed:
+        raise ValueError(f"--data {data} holds {len(cases)} case(s) from {len(set(groups))} patient(s); {what} needs cases "
+                         f"from at least {n_needed} patients (cases of one patient always stay on the same side of a split).")
+    return groups
+
 def cmd_train(a) -> int:
     "`lungseg train`: split the cases, train one model, checkpoint to --out."
     _setup_torch(a)
     from lungseg.train import TrainConfig, fit, model_spec, build_from_spec, pick_device, load_checkpoint
-    from lungseg.experiments import load_cases, case_groups, slice_datasets, _roi
+    from lungseg.experiments import load_cases, slice_datasets, _roi
     from lungseg.data import holdout_split
     out = Path(a.out)
     if a.resume:
@@ -128,7 +199,7 @@ def cmd_train(a) -> int:
             raise FileNotFoundError(f"Cannot resume: there is no {out / 'last.pt'}. Run without --resume to start training in {out}.")
         ck = load_checkpoint(out / 'last.pt')
         spec, cfg = ck['spec'], TrainConfig.from_dict(ck['config'])
-        cfg = replace(cfg, device=a.device, num_workers=a.workers, **({'epochs': a.epochs} if a.epochs else {}))
+        cfg = replace(cfg, device=a.device, num_workers=a.workers, **({'epochs': a.epochs} if a.epochs is not None else {}))
         val_frac, seed = spec.get('val_frac', a.val_frac), spec.get('split_seed', a.seed)
         print(f"Resuming {out / 'last.pt'}: {spec['name']} ({spec['preset']}), epoch {ck['epoch']} step {ck['step']} of {cfg.epochs}")
     else:
@@ -141,10 +212,18 @@ def cmd_train(a) -> int:
         val_frac, seed = a.val_frac, a.seed
         if (out / 'last.pt').exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): add --resume to continue it, or choose another --out.")
+    _probe_dir(out, '--out')
     cases = load_cases(a.data, seed=seed)
-    tv, va = holdout_split(case_groups(cases), val_frac, seed)
+    tv, va = holdout_split(_check_split(cases, a.data, 2, 'training with validation'), val_frac, seed)
+    free = sum(not _has_nodule(c) for c in cases)
+    if free:
+        print(f"{free} of {len(cases)} cases have no nodule: they give no training slices (ROIs are cut around nodules) "
+              "and are left out of the validation Dice.")
+    if not any(_has_nodule(cases[i]) for i in va):
+        raise ValueError(f"None of the {len(va)} validation case(s) has a nodule, so there is no validation Dice to pick "
+                         f"best.pt by. Use a larger --val-frac (now {val_frac}) or another --seed (it shuffles the split), or add cases with nodules.")
     tr_ds, va_ds = slice_datasets(cases, tv, va, _roi(spec['roi']))
-    print(f"{len(cases)} cases: {len(tv)} training ({len(tr_ds)} slices), {len(va)} validation ({len(va_ds) if va_ds else 0} slices)")
+    print(f"{len(cases)} cases: {len(tv)} training ({len(tr_ds)} slices), {len(va)} validation ({len(va_ds)} slices)")
     from lungseg.train import seed_everything
     seed_everything(cfg.seed)
     model = build_from_spec(spec)
@@ -163,8 +242,15 @@ def cmd_train(a) -> int:
         print(f"Interrupted; resume with: lungseg train --data {a.data} --out {out} --resume", file=sys.stderr)
         return 130
     print(hist.frame().round(4).tail(5).to_string())
-    print(f"Best validation Dice {hist.best_dice:.4f} at epoch {hist.best_epoch}: {out / 'best.pt'} ({hist.seconds:.0f} s)")
+    print(f"Best validation Dice {hist.best_dice:.4f} (mean over the validation cases with a nodule) at epoch {hist.best_epoch}: "
+          f"{out / 'best.pt'} ({hist.seconds:.0f} s)")
     return 0
+
+_METRIC_LEGEND = ("precision, sensitivity, dice, iou: overlap of the predicted and true nodule voxels over the whole volume; "
+                  "hd, hd95, assd: Hausdorff distance, its 95th percentile and the average symmetric surface distance, in mm. "
+                  "Means skip undefined values: NaN (e.g. precision when nothing is predicted, Dice when both are empty) and "
+                  "infinite distances, which occur when exactly one of the prediction and the truth is empty (a nodule missed "
+                  "entirely, or a nodule predicted in a nodule-free case); n_empty counts those cases")
 
 def cmd_evaluate(a) -> int:
     "`lungseg evaluate`: per-case 3D metrics of a checkpoint on every case volume of --data, as JSON."
@@ -172,6 +258,9 @@ def cmd_evaluate(a) -> int:
     import pandas as pd
     from lungseg.train import load_trained, evaluate_cases
     from lungseg.experiments import load_cases, _roi
+    if a.out:
+        if Path(a.out).is_dir(): raise IsADirectoryError(f"--out {a.out} is a folder; evaluate writes one JSON file, e.g. {Path(a.out) / 'metrics.json'}.")
+        _probe_dir(Path(a.out).parent, '--out')
     model, ck = load_trained(a.checkpoint, a.device)
     spec = ck['spec']
     cases = load_cases(a.data)
@@ -180,22 +269,32 @@ def cmd_evaluate(a) -> int:
     mean = {k: float(np.mean(df[k][np.isfinite(df[k])])) if np.isfinite(df[k]).any() else None for k in df.columns}
     res = _json_safe(dict(checkpoint=str(a.checkpoint), data=str(a.data), model=spec, epoch=ck['epoch'], n_cases=len(df),
                           threshold=0.5, mean=mean, per_case=df.reset_index().to_dict(orient='records'),
-                          note="3D metrics on every slice of each case volume, with the volume's spacing (mm); "
-                               "means skip undefined values (HD/ASSD are infinite when a prediction is empty; n_empty counts those cases)",
+                          note="3D metrics on every slice of each case volume, with the volume's spacing (mm). " + _METRIC_LEGEND,
                           n_empty=int(np.isinf(df['hd']).sum()) if 'hd' in df else 0, seconds=time.time() - t0))
     text = json.dumps(res, indent=1)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True); Path(a.out).write_text(text)
+        _write_output(Path(a.out), text, '--out')
         print(f"wrote {a.out}")
     print(pd.Series(mean).round(4).to_string())
+    print(f"n_empty {res['n_empty']}\n\n{_METRIC_LEGEND}.")
     if not a.out: print(text)
     return 0
 
+def _publish(staging: Path, out: Path):
+    "Move every entry of the finished `staging` folder into `out` (replacing entries of the same name), then remove `staging`."
+    out.mkdir(parents=True, exist_ok=True)
+    for f in staging.iterdir():
+        dst = out / f.name
+        if dst.is_dir() and not dst.is_symlink(): shutil.rmtree(dst)
+        os.replace(f, dst)
+    staging.rmdir()
+
 def cmd_experiment(a) -> int:
-    "`lungseg experiment tableN`: the protocol of a paper table, printed and (with --out) saved."
+    "`lungseg experiment tableN`: the protocol of a paper table, printed and (with --out) saved; Ctrl-C or an error saves nothing."
     _setup_torch(a)
     from lungseg.train import pick_device
-    from lungseg.experiments import (ExperimentConfig, TABLES, run_experiment, summary, bootstrap_table, classifier_report, load_cases)
+    from lungseg.experiments import (ExperimentConfig, TABLES, run_experiment, summary, bootstrap_table, classifier_report,
+                                     load_cases, table_legend)
     device = pick_device(a.device)
     preset = a.preset or ('small' if device.type == 'cpu' else 'paper')
     ecfg = ExperimentConfig.paper() if preset == 'paper' else ExperimentConfig.small()
@@ -207,30 +306,48 @@ def cmd_experiment(a) -> int:
     if a.model:
         if a.table != 'table1': raise ValueError("--model selects models of table1 only.")
         variants = [v for v in variants if v.model in a.model]
-        if not variants: raise ValueError(f"--model {a.model}: none of proposed, unet, resunet, resunetpp, deeplabv3plus.")
+    out = Path(a.out) if a.out else None
+    if out is not None: _probe_dir(out, '--out')
     cases = load_cases(a.data, seed=a.seed)
-    res = run_experiment(variants, cases, ecfg, out_dir=a.out, name=a.table)
-    parts = [f"# {a.table}: {len(cases)} cases from {a.data}, preset {preset}, {ecfg.k} folds, seeds {list(ecfg.seeds)}, "
-             f"{ecfg.train.epochs} epochs, {res.seconds / 60:.1f} min",
-             "## Test split (ensemble of the fold models; mean ± std over test cases)", summary(res).to_string(),
-             "## Cross-validation (mean ± std over folds and seeds)", summary(res, 'cv').to_string()]
-    if len(res.test['variant'].unique()) > 1:
-        parts += ["## Paired bootstrap 95% CI of the difference (test cases)", bootstrap_table(res, n_boot=ecfg.n_boot).to_string()]
-    cr = classifier_report(res)
-    if len(cr): parts += ["## Classifier on the test slices", cr.round(3).to_string()]
-    text = '\n\n'.join(parts)
+    _check_split(cases, a.data, 3, 'an experiment (test, training and validation cases)')
+    free = sum(not _has_nodule(c) for c in cases)
+    if free: print(f"{free} of {len(cases)} cases have no nodule: they are tested (false positives count) but give no training slices.")
+    staging = None
+    if out is not None:   # everything is written to a hidden folder first and moved into --out when the run is complete
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
+    try:
+        res = run_experiment(variants, cases, ecfg, out_dir=staging, name=a.table)
+        parts = [f"# {a.table}: {len(cases)} cases from {a.data}, preset {preset}, {ecfg.k} folds, seeds {list(ecfg.seeds)}, "
+                 f"{ecfg.train.epochs} epochs, {res.seconds / 60:.1f} min",
+                 "## Test split (ensemble of the fold models; mean ± std over test cases)", summary(res).to_string(), table_legend('test'),
+                 "## Cross-validation (mean ± std over folds and seeds)", summary(res, 'cv').to_string(), table_legend('cv')]
+        if len(res.test['variant'].unique()) > 1:
+            parts += ["## Paired bootstrap 95% CI of the difference (test cases)", bootstrap_table(res, n_boot=ecfg.n_boot).to_string(),
+                      table_legend('bootstrap')]
+        cr = classifier_report(res)
+        if len(cr): parts += ["## Classifier on the test slices", cr.round(3).to_string(), table_legend('classifier')]
+        text = '\n\n'.join(parts)
+        if staging is not None:
+            (staging / f'{a.table}.md').write_text(text + '\n')
+            _publish(staging, out)
+    except BaseException:
+        if staging is not None: shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(text)
-    if a.out: (Path(a.out) / f'{a.table}.md').write_text(text + '\n')
+    if out is not None: print(f"\nwrote {out / (a.table + '.md')} and the raw results in {out}")
     return 0
 
 def cmd_quickstart(a) -> int:
     "`lungseg quickstart`: phantoms, the proposed model vs U-Net, table and figure."
     _setup_torch(a)
-    from lungseg.experiments import quickstart
+    from lungseg.experiments import quickstart, table_legend
+    _probe_dir(Path(a.out), '--out')
     t0 = time.time()
     table, fig, res = quickstart(a.out, n_cases=a.cases, epochs=a.epochs, models=tuple(a.models), device=a.device, seed=a.seed)
     print(f"\nTest phantoms ({len(res.split['test'])} cases, whole volumes, 3D metrics, mean ± std over cases):\n")
     print(table.to_string())
+    print(f"\n{table_legend('test')}")
     print(f"\nComparison figure: {fig}\nRaw results: {Path(a.out) / 'quickstart_test.csv'}\nWall time: {time.time() - t0:.0f} s")
     return 0
 
@@ -253,9 +370,12 @@ def main(argv=None) -> int:
     cmds = dict(quickstart=cmd_quickstart, train=cmd_train, evaluate=cmd_evaluate, experiment=cmd_experiment)
     try:
         return cmds[a.command](a)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TrainingError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, TrainingError) as e:
         print(f"lungseg {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # a full disk, a folder that cannot be written: the message names the file
+        print(f"lungseg {a.command}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"lungseg {a.command}: interrupted", file=sys.stderr)
+        print(f"lungseg {a.command}: interrupted (Ctrl-C); nothing half-written was left", file=sys.stderr)
         return 130

@@ -155,35 +155,53 @@ def _gz_size(path:Path) -> int:
         while chunk := f.read(1 << 22): n += len(chunk)
     return n
 
-def _check_nifti(path:Path):
-    "Raise if a NIfTI file holds fewer voxel bytes than its header promises (ITK would silently read zeros)."
-    gz = volume_suffix(path) == '.nii.gz'
+def _nifti_header(path:Path):
+    "(endian, header size, dims, bitpix, voxel offset, datatype) of a NIfTI-1/2 file, or None if it does not parse."
     try:
-        with (gzip.open(path, 'rb') if gz else open(path, 'rb')) as f: h = f.read(540)
-    except (OSError, EOFError): return  # unreadable header: SimpleITK's reader reports it
-    if len(h) < 348: return
+        with (gzip.open(path, 'rb') if volume_suffix(path) == '.nii.gz' else open(path, 'rb')) as f: h = f.read(540)
+    except (OSError, EOFError): return None  # unreadable header: SimpleITK's reader reports it
+    if len(h) < 348: return None
     for e in '<>':
         size = struct.unpack(e + 'i', h[:4])[0]
         if size in (348, 540): break
-    else: return
+    else: return None
     try:
         if size == 348:
-            dims = struct.unpack(e + '8h', h[40:56]); bitpix = struct.unpack(e + 'h', h[72:74])[0]; off = int(struct.unpack(e + 'f', h[108:112])[0])
+            dims = struct.unpack(e + '8h', h[40:56]); dt, bitpix = struct.unpack(e + '2h', h[70:74]); off = int(struct.unpack(e + 'f', h[108:112])[0])
         else:
-            bitpix = struct.unpack(e + 'h', h[14:16])[0]; dims = struct.unpack(e + '8q', h[16:80]); off = struct.unpack(e + 'q', h[168:176])[0]
-    except struct.error: return
-    if not 1 <= dims[0] <= 7: return
+            dt, bitpix = struct.unpack(e + '2h', h[12:16]); dims = struct.unpack(e + '8q', h[16:80]); off = struct.unpack(e + 'q', h[168:176])[0]
+    except struct.error: return None
+    if not 1 <= dims[0] <= 7: return None
+    return e, size, dims, bitpix, off, dt
+
+def _check_nifti(path:Path):
+    "Raise if a NIfTI file holds fewer voxel bytes than its header promises (ITK would silently read zeros); return its header."
+    gz = volume_suffix(path) == '.nii.gz'
+    hdr = _nifti_header(path)
+    if hdr is None: return None
+    e, size, dims, bitpix, off, dt = hdr
     need = max(off, size) + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]])) * bitpix // 8
     if gz:
         with open(path, 'rb') as f:
             f.seek(-4, 2); isize = struct.unpack('<I', f.read(4))[0]
-        if isize == need % 2 ** 32: return  # the gzip trailer's size matches: complete
+        if isize == need % 2 ** 32: return hdr  # the gzip trailer's size matches: complete
         try: have = _gz_size(path)  # slow path: multi-member gzip, or damaged
         except (OSError, EOFError, ValueError) as err:
             raise CTFileError(path, f"is truncated or corrupt ({err})", "The copy or download was interrupted; fetch the file again") from None
     else: have = path.stat().st_size
     if have < need:
         raise CTFileError(path, f"is truncated: its voxel data has {have} bytes, the header needs {need}", "The copy or download was interrupted; fetch the file again")
+    return hdr
+
+def _nifti_nonfinite(path:Path, hdr) -> tuple:
+    "(NaN, inf) counts of a float NIfTI's stored voxels: ITK's NIfTI reader turns both into 0, so the file itself is read."
+    e, size, dims, bitpix, off, dt = hdr
+    if dt not in (16, 64): return 0, 0   # float32, float64; integer types cannot hold NaN
+    with (gzip.open(path, 'rb') if volume_suffix(path) == '.nii.gz' else open(path, 'rb')) as f: raw = f.read()
+    n = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]]))
+    a = np.frombuffer(raw, np.dtype(e + ('f4' if dt == 16 else 'f8')), count=n, offset=max(off, size))
+    return int(np.isnan(a).sum()), int(np.isinf(a).sum())
+
 
 # %% ../nbs/01_data.ipynb #c019
 def _check_scalar_3d(img:sitk.Image, path:Path):
@@ -219,12 +237,22 @@ def _read_dicom_folder(folder:Path) -> sitk.Image:
         raise CTFileError(folder, f"its DICOM series cannot be read ({_itk_reason(e)})") from None
 
 # %% ../nbs/01_data.ipynb #c020
+def _check_finite(arr:np.ndarray, path:Path, nifti=None):
+    "Raise unless every voxel of `arr` (for NIfTI: of the file, header `nifti`) is finite; NaN or inf would train silently to Dice 0."
+    if nifti is not None: n_nan, n_inf = _nifti_nonfinite(path, nifti)
+    elif np.issubdtype(arr.dtype, np.floating): n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+    else: return
+    if n_nan or n_inf:
+        raise CTFileError(path, f"has {n_nan + n_inf} of {arr.size} voxels that are not finite ({n_nan} NaN, {n_inf} inf)",
+                          "Export the scan again, or replace those voxels (e.g. with -1000 HU, air) before using it")
+
 def read_volume(path # a volume file (.nii, .nii.gz, .mhd, .mha, .nrrd) or a folder holding one DICOM series
                ) -> CTVolume:
     "Read a 3D CT volume or mask with its geometry; raise `CTFileError` naming the file if it cannot be used."
     path = Path(path)
     if not path.exists():
         raise CTFileError(path, "does not exist", "Check the path (and LUNGSEG_LIDC_DIR for the LIDC sample)")
+    nifti = None
     if path.is_dir(): img = _read_dicom_folder(path)
     else:
         sfx = volume_suffix(path)
@@ -233,12 +261,14 @@ def read_volume(path # a volume file (.nii, .nii.gz, .mhd, .mha, .nrrd) or a fol
                               f"lungseg reads {', '.join(READ_SUFFIXES)} files or a folder holding a DICOM series")
         if path.stat().st_size == 0: raise CTFileError(path, "is empty (0 bytes)")
         if sfx == '.mhd': _check_mhd(path)
-        if sfx in ('.nii', '.nii.gz'): _check_nifti(path)
+        if sfx in ('.nii', '.nii.gz'): nifti = _check_nifti(path)
         try: img = sitk.ReadImage(str(path))
         except RuntimeError as e:
             raise CTFileError(path, f"cannot be read as {sfx} ({_itk_reason(e)}); the file is corrupt, truncated or not that format") from None
     _check_scalar_3d(img, path)
-    return CTVolume.from_sitk(img, path)
+    vol = CTVolume.from_sitk(img, path)
+    _check_finite(vol.array, path, nifti)
+    return vol
 
 # %% ../nbs/01_data.ipynb #c021
 def _atomic_write(path:Path, write):

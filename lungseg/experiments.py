@@ -22,7 +22,7 @@ from .metrics import segmentation_metrics
 __all__ = ['TABLES', 'METRICS', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets', 'train_variant',
            'pretrain_proposed', 'ExperimentResult', 'run_experiment', 'summary', 'paired_bootstrap', 'bootstrap_table',
            'roc_auc', 'calibration', 'expected_calibration_error', 'classifier_report', 'reliability_plot',
-           'comparison_figure', 'quickstart']
+           'comparison_figure', 'table_legend', 'quickstart']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -33,8 +33,11 @@ def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cas
     if isinstance(data, (list, tuple)): return list(data)
     s = str(data)
     if s == 'phantoms' or s.startswith('phantoms:'):
-        n = int(s.split(':')[1]) if ':' in s else n_phantoms
-        return make_phantom_cases(n, seed=seed)
+        n = s.split(':', 1)[1] if ':' in s else n_phantoms
+        if not str(n).strip().isdigit() or int(n) < 2:
+            raise ValueError(f"--data {s}: 'phantoms:N' needs a whole number N of at least 2 synthetic cases (one to train on, "
+                             f"one to validate or test), e.g. phantoms:24; got {n!r}.")
+        return make_phantom_cases(int(n), seed=seed)
     path = lidc_dir() if s == 'lidc' else Path(s).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"No such data folder: {path}. --data takes a case folder (images/<id>.nii.gz and "
@@ -129,6 +132,7 @@ def train_variant(v: Variant,                # the table row to train
     tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset))
     cfg = replace(ecfg.train, seed=seed, progress=progress, live_plot=False)
     hist = fit(model, tr, va, cfg, out_dir, spec=spec)
+    if hist.interrupted: raise KeyboardInterrupt   # Ctrl-C stops the whole experiment, not just this fold's training
     if out_dir is not None and (Path(out_dir) / 'best.pt').exists():
         model.load_state_dict(torch.load(Path(out_dir) / 'best.pt', weights_only=True)['model'])
     elif hist.best_state is not None:
@@ -377,30 +381,67 @@ def comparison_figure(res: ExperimentResult, n_cases: int = 4, case_ids: Optiona
     return fig
 
 # %% ../nbs/09_experiments.ipynb #021a41d7
+_COLUMNS = {'Pre': 'precision', 'Sen': 'sensitivity (recall)', 'Dice': 'Dice coefficient', 'IoU': 'intersection over union',
+            'HD(mm)': 'Hausdorff distance in mm', 'ASSD(mm)': 'average symmetric surface distance in mm'}
+
+def table_legend(kind: str = 'test') -> str:
+    "What every column of a lungseg table means: kind 'test' or 'cv' (`summary`), 'bootstrap' (`bootstrap_table`), 'classifier'."
+    if kind == 'bootstrap':
+        return ("Each cell: the reference model's mean minus the row's, over the test cases, with its paired bootstrap 95% "
+                "interval [lo, hi] (cases resampled with replacement; cases where either value is undefined are left out). "
+                "An interval that excludes 0 is a difference the test set can tell apart.")
+    if kind == 'classifier':
+        return ("The nodule-present classifier on every test slice: AUC = area under the ROC curve (1 perfect, 0.5 chance); "
+                "Brier = mean squared error of its probability; ECE = expected calibration error (10 bins); slices = slices scored.")
+    if kind not in ('test', 'cv'): raise ValueError(f"kind must be 'test', 'cv', 'bootstrap' or 'classifier', not {kind!r}.")
+    over = "the test cases (whole volumes, 3D)" if kind == 'test' else "the fold models (each: mean over its validation cases)"
+    return (', '.join(f'{k} = {v}' for k, v in _COLUMNS.items()) + f"; each mean ± std over {over}. Undefined values "
+            "(NaN: e.g. precision when nothing is predicted, Dice when both are empty) are left out of the means. "
+            "empty = how many cases have an infinite HD, because exactly one of the prediction and the truth is empty "
+            "(a nodule missed entirely, or a nodule predicted in a nodule-free case); they are left out of the HD and ASSD means.")
+
 def quickstart(out_dir='lungseg_quickstart', # where the table, figure and raw results go
-               n_cases: int = 24,            # phantoms to generate
-               epochs: int = 8,              # training epochs per model (small preset)
+               n_cases: int = 24,            # phantoms to generate (at least 8)
+               epochs: int = 8,              # training epochs per model (small preset, at least 1)
                models=('proposed', 'unet'),  # `build_model` names to compare
                device: str = 'auto',
                seed: int = 0,
                progress: bool = True) -> tuple:
     "Generate phantoms, train and test `models` with the small preset; returns (summary table, figure path, result)."
+    import shutil
     from lungseg.baselines import MODEL_NAMES
     labels = dict(proposed='Proposed model', unet='UNet', resunet='ResUNet', resunetpp='ResUNet++', deeplabv3plus='DeepLabv3+')
     bad = [m for m in models if m not in MODEL_NAMES]
     if bad: raise ValueError(f"Unknown model(s) {bad}; choose from {', '.join(MODEL_NAMES)}.")
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    cases = make_phantom_cases(n_cases, seed=seed)
-    ecfg = ExperimentConfig.small(k=1, test_frac=0.25, seeds=(seed,), train=TrainConfig.small(epochs=epochs, device=device))
-    res = run_experiment([Variant(labels[m], m) for m in models], cases, ecfg, out_dir=out_dir, progress=progress, name='quickstart')
-    table = summary(res)
-    (out_dir / 'quickstart_table.md').write_text(table.to_markdown() if _has_tabulate() else table.to_string())
-    fig = comparison_figure(res, n_cases=min(4, len(res.split['test'])))
-    fig_path = out_dir / 'quickstart_comparison.png'
-    fig.savefig(fig_path, dpi=110); 
-    import matplotlib.pyplot as plt; plt.close(fig)
+    if int(epochs) < 1: raise ValueError(f"epochs must be at least 1, got {epochs}.")
+    if int(n_cases) < 8: raise ValueError(f"the quickstart needs at least 8 phantoms (a quarter are held out for testing and a "
+                                          f"fifth of the rest validate), got {n_cases}.")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir(): raise NotADirectoryError(f"--out {out_dir} is a file; the quickstart needs a folder.")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cases = make_phantom_cases(n_cases, seed=seed)
+        ecfg = ExperimentConfig.small(k=1, test_frac=0.25, seeds=(seed,), train=TrainConfig.small(epochs=epochs, device=device))
+        res = run_experiment([Variant(labels[m], m) for m in models], cases, ecfg, out_dir=out_dir, progress=progress, name='quickstart')
+        table = summary(res)
+        text = table.to_markdown() if _has_tabulate() else table.to_string()
+        _write_text(out_dir / 'quickstart_table.md', text + '\n\n' + table_legend('test') + '\n')
+        fig = comparison_figure(res, n_cases=min(4, len(res.split['test'])))
+        fig_path = out_dir / 'quickstart_comparison.png'
+        fig.savefig(fig_path, dpi=110)
+        import matplotlib.pyplot as plt; plt.close(fig)
+    except BaseException:   # bad input, a full disk or Ctrl-C: leave no half-made folder behind
+        if created: shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return table, fig_path, res
+
+def _write_text(path: Path, text: str):
+    "Write a text file atomically (a temporary file, then rename)."
+    from lungseg.data import _atomic_write
+    _atomic_write(Path(path), lambda p: Path(p).write_text(text))
 
 def _has_tabulate() -> bool:
     try: import tabulate; return True
     except ImportError: return False
+

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #8dd0e6bc
 from __future__ import annotations
-import math, os, random, sys, time, json, warnings, contextlib
+import errno, math, os, random, re, shutil, sys, time, json, warnings, contextlib
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -127,26 +127,51 @@ def set_rng_state(st: dict) -> None:
 CHECKPOINT_FORMAT = 'lungseg-checkpoint-1'
 
 def save_checkpoint(state: dict, path) -> Path:
-    "Write `state` to `path` atomically (temporary file, then rename)."
+    "Write `state` to `path` atomically (temporary file, then rename); a failed write leaves neither file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + '.tmp')
-    torch.save({'format': CHECKPOINT_FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({'format': CHECKPOINT_FORMAT, **state}, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):   # torch.save reports a full disk as a RuntimeError from its zip writer
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(getattr(e, 'errno', None) or errno.EIO,
+                          f"Cannot write the checkpoint {path} ({free / 2**20:.0f} MiB free on that disk): the disk is full or "
+                          f"the folder is not writable. Free some space or choose another output folder") from e
+        raise
     return path
 
+_ACCEPTED = ("lungseg loads only checkpoints written by lungseg (`lungseg train`, `lungseg.train.fit`), which hold plain "
+             "tensors, numbers, strings, lists and dicts")
+
+def _load_refusal(path: Path, e: Exception) -> str:
+    "Why `torch.load(path, weights_only=True)` failed, in lungseg's words (never torch's advice to turn the safety off)."
+    g = re.search(r'GLOBAL (\S+)', str(e))
+    if g:   # the pickle names a Python object that would be built (or run) while loading
+        return (f"{path} is not a readable lungseg checkpoint: it asks to load the Python object {g.group(1)}, which could run "
+                f"code, so it was not loaded. {_ACCEPTED}. A file like this was written by another program, or has been "
+                "tampered with; use a checkpoint from `lungseg train` instead")
+    with open(path, 'rb') as f: head = f.read(2)
+    if head == b'PK':   # torch.save writes a zip archive: this one starts like one but is incomplete
+        return (f"{path} is not a readable lungseg checkpoint: it is truncated or corrupt ({path.stat().st_size} bytes, an "
+                "incomplete zip archive). An interrupted copy or download, or a disk that filled up while it was written, "
+                "leaves such a file: copy it again, or use the run's other checkpoint (best.pt or last.pt)")
+    return f"{path} is not a readable lungseg checkpoint: it is not a file written by torch.save. {_ACCEPTED}"
+
 def load_checkpoint(path, map_location='cpu') -> dict:
-    "Load a lungseg checkpoint safely (`weights_only=True`), with a clear error for a missing or foreign file."
+    "Load a lungseg checkpoint safely (`weights_only=True`), with a clear error for a missing, truncated, unsafe or foreign file."
     path = Path(path)
     if not path.is_file():
         hint = f" It holds: {', '.join(sorted(p.name for p in path.glob('*.pt'))) or 'no .pt files'}." if path.is_dir() else ''
         raise FileNotFoundError(f"No checkpoint file at {path}.{hint} Pass the .pt file written by `lungseg train` (best.pt or last.pt).")
     try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable lungseg checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-                         "It may be truncated, or not saved by lungseg; only plain tensors and dicts are accepted.") from e
+    except Exception as e: raise ValueError(_load_refusal(path, e) + '.') from None
     if not isinstance(ck, dict) or ck.get('format') != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a lungseg checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck).__name__!r}, expected {CHECKPOINT_FORMAT!r}).")
     return ck
+
 
 # %% ../nbs/08_train.ipynb #4a1ffde3
 class EpochBatchSampler(Sampler):
@@ -183,6 +208,11 @@ def _case_index(ds) -> np.ndarray:
     ci = getattr(sl, 'case_index', None) if sl is not None else getattr(ds, 'case_index', None)
     return np.zeros(len(ds), dtype=np.int64) if ci is None else np.asarray(ci, dtype=np.int64)
 
+def _nodule_free(ds) -> bool:
+    "True when `ds` says (via `ds.slices.has_nodule`, as `SliceDataset` does) that none of its slices shows a nodule."
+    hn = getattr(getattr(ds, 'slices', None), 'has_nodule', None)
+    return hn is not None and not np.asarray(hn).any()
+
 def overlap_from_counts(tp: float, fp: float, fn: float) -> dict:
     "Precision, sensitivity, Dice and IoU (Eq. 8-11) from pixel counts (NaN where undefined)."
     d = lambda a, b: float(a) / float(b) if b > 0 else float('nan')
@@ -210,7 +240,7 @@ def validate(model: nn.Module,          # a lungseg model (or its DDP wrapper)
              device=None,               # default: the model's device
              threshold: float = 0.5,    # probability above which a pixel is nodule
              batch_size: int = 32) -> dict:
-    "Validation loss and mean per-case precision, sensitivity, Dice and IoU, reduced across DDP ranks."
+    "Validation loss and mean precision, sensitivity, Dice and IoU over the cases that have a nodule, reduced across DDP ranks."
     cfg = cfg or TrainConfig()
     device = device or next(model.parameters()).device
     rank, world = _dist_info()
@@ -240,7 +270,7 @@ def validate(model: nn.Module,          # a lungseg model (or its DDP wrapper)
         both = torch.cat([counts.flatten(), loss_sum]).to(device if dist.get_backend() == 'nccl' else 'cpu')
         dist.all_reduce(both); both = both.cpu()
         counts, loss_sum = both[:-2].view(n_cases, 3), both[-2:]
-    per_case = [overlap_from_counts(*c.tolist()) for c in counts if c.sum() > 0]
+    per_case = [overlap_from_counts(*c.tolist()) for c in counts if c[0] + c[2] > 0]   # cases with a nodule (tp + fn > 0)
     with warnings.catch_warnings():   # a metric undefined for every case (e.g. precision when nothing is predicted) is NaN
         warnings.simplefilter('ignore', RuntimeWarning)
         res = {k: float(np.nanmean([m[k] for m in per_case])) if per_case else float('nan') for k in ('precision', 'sensitivity', 'dice', 'iou')}
@@ -390,6 +420,9 @@ def fit(model: nn.Module,                  # any lungseg model: batch [B,1,H,W] 
                          "case names and non-empty masks) and the split; `lungseg.data.extract_slices` builds the slices.")
     if val_ds is not None and len(val_ds) == 0:
         raise ValueError("The validation set is empty (0 slices): use more cases, a different split, or val_ds=None.")
+    if val_ds is not None and _nodule_free(val_ds):
+        raise ValueError("No validation case has a nodule (every validation mask is empty), so the validation Dice that picks "
+                         "best.pt is undefined. Put cases with nodules in the validation set, or pass val_ds=None to keep the last epoch.")
     if resume and out_dir is None: raise ValueError("resume=True needs out_dir (the folder that holds last.pt).")
     out_dir = Path(out_dir) if out_dir is not None else None
     rank, world, local_rank = _setup_distributed(cfg)

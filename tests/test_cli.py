@@ -4,9 +4,12 @@
   (10 minutes on 2 cores) and prints the table and saves the figure;
 - `lungseg train` -> `lungseg evaluate` on a case folder: checkpoints, the JSON of per-case 3D metrics;
 - Ctrl-C during `lungseg train` saves a checkpoint and exits 130; `--resume` finishes the run;
-- bad inputs give one clear line and exit status 2.
+- bad inputs give one clear line and exit status 2, and leave nothing half-written behind: wrong option
+  values, NaN voxels, nodule-free validation cases, unsafe or truncated checkpoints, a file where a folder
+  is expected and the reverse, an unwritable --out, a full disk (a small tmpfs, when the tests run as root),
+  Ctrl-C during evaluate and experiment.
 """
-import json, os, shutil, signal, subprocess, sys, time
+import contextlib, json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
@@ -57,14 +60,155 @@ def test_bad_inputs(tmp_path, case_folder):
     r = lungseg('train', '--data', empty, '--out', tmp_path / 'o2', cwd=tmp_path, check=False)
     assert r.returncode == 2 and 'lungseg train: error:' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     r = lungseg('train', '--data', case_folder, '--model', 'vgg', '--out', tmp_path / 'o3', cwd=tmp_path, check=False)
-    assert r.returncode == 2 and 'Unknown model' in r.stderr, r.stderr
+    assert r.returncode == 2 and "argument --model: invalid choice: 'vgg'" in r.stderr, r.stderr
+
+
+def fails(*args, cwd, msg, rc=2):
+    "Run lungseg, check the exit status, one clear message on stderr and no traceback."
+    r = lungseg(*args, cwd=cwd, check=False)
+    assert r.returncode == rc and msg in r.stderr and 'Traceback' not in r.stderr, (args, r.returncode, r.stderr[-3000:])
+    return r
+
+
+def test_bad_option_values(tmp_path):
+    "Numbers that make no sense are refused by name, before anything runs (they used to fall back to defaults)."
+    tr = ['train', '--data', 'phantoms:4', '--out', tmp_path / 'o']
+    fails(*tr, '--epochs', 0, cwd=tmp_path, msg='lungseg train: error: argument --epochs: must be at least 1, got 0')
+    fails(*tr, '--batch-size', 0, cwd=tmp_path, msg='lungseg train: error: argument --batch-size: must be at least 1, got 0')
+    fails(*tr, '--val-frac', 1.5, cwd=tmp_path, msg='lungseg train: error: argument --val-frac: must be between 0 and 1')
+    fails(*tr, '--threads', 0, cwd=tmp_path, msg='argument --threads: must be at least 1, got 0')
+    fails(*tr, '--epochs', 'two', cwd=tmp_path, msg="argument --epochs: expected a whole number, got 'two'")
+    fails(*tr, '--epochs', cwd=tmp_path, msg='argument --epochs: expected one argument')
+    fails('experiment', 'table1', '--test-frac', 2, cwd=tmp_path, msg='argument --test-frac: must be between 0 and 1')
+    assert not (tmp_path / 'o').exists()
+    fails('quickstart', '--epochs', 0, '--out', tmp_path / 'qs', cwd=tmp_path, msg='lungseg quickstart: error: argument --epochs: must be at least 1, got 0')
+    assert not (tmp_path / 'qs').exists()
+    fails('train', *tr[1:], '--data', 'phantoms:0', cwd=tmp_path, msg="--data phantoms:0: 'phantoms:N' needs a whole number N of at least 2")
+    assert not (tmp_path / 'o').exists()
+
+
+def write_cases(folders: dict, n=6, seed=3):
+    "Write `n` phantoms as a case folder per {folder: edit}, after running `edit` on `cases`, in one subprocess."
+    code = ("import numpy as np; from lungseg.phantoms import make_phantom_cases; from lungseg.data import write_case_folder\n"
+            + ''.join(f"cases = make_phantom_cases({n}, seed={seed})\n{edit or 'pass'}\nwrite_case_folder(cases, {str(f)!r})\n"
+                      for f, edit in folders.items()))
+    subprocess.run([sys.executable, '-c', code], check=True, env=ENV, timeout=300)
+    return list(folders)
+
+
+def test_bad_data(tmp_path, case_folder):
+    # an image whose voxels are all NaN, written as float32 NIfTI (SimpleITK would read them as 0)
+    from lungseg.data import holdout_split
+    val = holdout_split([str(i) for i in range(6)], 0.2, 0)[1].tolist()
+    nan, free = write_cases({tmp_path / 'nan': "c = cases[2]; c.image = c.image.like(np.full(c.image.shape, np.nan, np.float32))",
+                             tmp_path / 'free': f"[setattr(cases[i], 'mask', np.zeros_like(cases[i].mask)) for i in {val}]"})
+    n_vox = 32 * 64 * 64
+    r = fails('train', '--data', nan, '--out', tmp_path / 'o', cwd=tmp_path, msg=f'voxels that are not finite ({n_vox} NaN, 0 inf)')
+    assert 'images/' in r.stderr and f'has {n_vox} of {n_vox} voxels' in r.stderr, r.stderr
+    assert not (tmp_path / 'o').exists()
+    # nodule-free cases are accepted and counted (test_train_then_evaluate), but not a split whose validation cases have none
+    fails('train', '--data', free, '--out', tmp_path / 'o', cwd=tmp_path,
+          msg=f'None of the {len(val)} validation case(s) has a nodule, so there is no validation Dice to pick best.pt by')
+    assert not (tmp_path / 'o').exists()
+    # a file where a folder is expected, and the reverse
+    (tmp_path / 'file').write_text('x')
+    fails('train', '--data', tmp_path / 'file', '--out', tmp_path / 'o', cwd=tmp_path, msg='--data must be a folder, not the file')
+    fails('train', '--data', case_folder, '--out', tmp_path / 'file', cwd=tmp_path, msg='file is a file; it must be a folder')
+    fails('evaluate', '--checkpoint', tmp_path, '--data', case_folder, cwd=tmp_path, msg=f'No checkpoint file at {tmp_path}')
+    fails('experiment', 'table1', '--data', case_folder, '--out', tmp_path / 'file', cwd=tmp_path, msg='file is a file; it must be a folder')
+
+
+def test_bad_checkpoints(tmp_path, case_folder):
+    class Code:   # a pickle that runs a program when loaded
+        def __reduce__(self): return (os.system, ('echo pwned',))
+    import torch
+    torch.save({'format': 'lungseg-checkpoint-1', 'model': Code()}, tmp_path / 'unsafe.pt')
+    r = fails('evaluate', '--checkpoint', tmp_path / 'unsafe.pt', '--data', case_folder, cwd=tmp_path,
+              msg='unsafe.pt is not a readable lungseg checkpoint: it asks to load the Python object')
+    assert 'pwned' not in r.stdout and 'weights_only' not in r.stderr and 'written by lungseg' in r.stderr, r.stderr
+    assert 'written by another program, or has been tampered with' in r.stderr, r.stderr
+    torch.save({'format': 'lungseg-checkpoint-1', 'model': {'w': torch.zeros(20000)}}, tmp_path / 'whole.pt')
+    b = (tmp_path / 'whole.pt').read_bytes(); (tmp_path / 'cut.pt').write_bytes(b[:len(b) // 3])
+    r = fails('evaluate', '--checkpoint', tmp_path / 'cut.pt', '--data', case_folder, cwd=tmp_path, msg='cut.pt is not a readable lungseg checkpoint: it is truncated or corrupt')
+    assert 'likelihood' not in r.stderr and r.stderr.strip().endswith('(best.pt or last.pt).'), r.stderr
+    r = fails('train', '--data', case_folder, '--out', tmp_path / 'o', '--init', tmp_path / 'cut.pt', '--epochs', 1, '--threads', 1,
+              cwd=tmp_path, msg='cut.pt is not a readable lungseg checkpoint')
+
+
+@contextlib.contextmanager
+def small_disk(path, size='256k', read_only=False):
+    "A tmpfs of `size` (or read-only) at `path`; skips the test where mounting is not allowed (not root)."
+    path.mkdir()
+    opts = f'size={size}' + (',ro' if read_only else '')
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', opts, 'tmpfs', str(path)], capture_output=True).returncode:
+        pytest.skip('mounting a tmpfs needs root')
+    try: yield path
+    finally: subprocess.run(['umount', '-l', str(path)])
+
+
+def test_unwritable_out(tmp_path, case_folder):
+    with small_disk(tmp_path / 'ro', read_only=True) as ro:
+        fails('train', '--data', case_folder, '--out', ro / 'run', cwd=tmp_path, msg=f'cannot write to --out {ro / "run"}: Read-only file system')
+        fails('quickstart', '--out', ro / 'qs', cwd=tmp_path, msg='cannot write to --out')
+        fails('experiment', 'table1', '--data', case_folder, '--out', ro / 'x', cwd=tmp_path, msg='cannot write to --out')
+        fails('evaluate', '--checkpoint', tmp_path / 'none.pt', '--data', case_folder, '--out', ro / 'm.json', cwd=tmp_path,
+              msg=f'cannot write to --out {ro}: Read-only file system')
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory, case_folder):
+    "A U-Net trained for one epoch on the case folder."
+    out = tmp_path_factory.mktemp('ck') / 'run'
+    lungseg('train', '--data', case_folder, '--model', 'unet', '--epochs', 1, '--device', 'cpu', '--out', out, '--threads', 1, cwd=out.parent)
+    return out / 'best.pt'
+
+
+def test_full_disk(tmp_path, case_folder, checkpoint):
+    with small_disk(tmp_path / 'full', size='256k') as full:
+        with contextlib.suppress(OSError), open(full / 'filler', 'wb') as f:
+            while True: f.write(b'\0' * 4096); f.flush()
+        fails('evaluate', '--checkpoint', checkpoint, '--data', case_folder, '--out', full / 'm.json', '--threads', 1, cwd=tmp_path,
+              msg=f'cannot write --out {full / "m.json"}: No space left on device')
+        assert sorted(p.name for p in full.iterdir()) == ['filler'], list(full.iterdir())
+        fails('train', '--data', case_folder, '--model', 'unet', '--epochs', 1, '--out', full / 'run', '--threads', 1, cwd=tmp_path,
+              msg=f'Cannot write the checkpoint {full / "run" / "last.pt"}')
+        assert not list((full / 'run').glob('*.tmp')), list((full / 'run').iterdir())
+
+
+def interrupt(args, cwd, ready, timeout=300):
+    "Start lungseg, send Ctrl-C once `ready(stderr so far)` is true; returns (returncode, stderr)."
+    log = Path(cwd) / f'stderr-{time.time_ns()}.txt'
+    with open(log, 'w') as f:
+        p = subprocess.Popen(LUNGSEG + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=f, text=True, env=ENV, cwd=cwd)
+        t0 = time.time()
+        while not ready(log.read_text()) and p.poll() is None and time.time() - t0 < timeout: time.sleep(0.1)
+        assert p.poll() is None, f'the command finished before it could be interrupted:\n{log.read_text()[-2000:]}'
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=timeout)
+    err = log.read_text(); log.unlink()
+    return p.returncode, err
+
+
+def test_ctrl_c_evaluate_and_experiment(tmp_path, case_folder, checkpoint):
+    many, = write_cases({tmp_path / 'many': None}, n=40, seed=5)
+    js = tmp_path / 'res' / 'metrics.json'
+    rc, err = interrupt(['evaluate', '--checkpoint', checkpoint, '--data', many, '--out', js, '--threads', 1], tmp_path,
+                        ready=lambda err: 'evaluate:' in err)
+    assert rc == 130 and 'lungseg evaluate: interrupted' in err, (rc, err[-2000:])
+    assert not (tmp_path / 'res').exists(), list(tmp_path.iterdir())
+    out_dir = tmp_path / 'exp'
+    rc, err = interrupt(['experiment', 'table1', '--model', 'unet', '--data', case_folder, '--folds', 2, '--epochs', 3,
+                         '--threads', 1, '--out', out_dir], tmp_path, ready=lambda err: any(tmp_path.glob('.exp.partial-*/runs/*/last.pt')))
+    assert rc == 130 and 'lungseg experiment: interrupted' in err, (rc, err[-2000:])
+    assert not out_dir.exists() and not list(tmp_path.glob('.exp*')), list(tmp_path.iterdir())
 
 
 def test_train_then_evaluate(tmp_path, case_folder):
     out = tmp_path / 'run'
     r = lungseg('train', '--data', case_folder, '--model', 'unet', '--epochs', 2, '--device', 'cpu', '--out', out, '--threads', 1, cwd=tmp_path)
     assert {'last.pt', 'best.pt', 'history.csv'} <= {p.name for p in out.iterdir()}, list(out.iterdir())
-    assert 'Best validation Dice' in r.stdout
+    assert 'Best validation Dice' in r.stdout and 'Best validation Dice nan' not in r.stdout, r.stdout
+    assert '1 of 8 cases have no nodule' in r.stdout, r.stdout    # make_phantom_cases: 15% nodule-free, accepted and counted
     import torch
     ck = torch.load(out / 'last.pt', weights_only=True)            # safe to open
     assert ck['epoch'] == 2 and ck['spec']['name'] == 'unet' and ck['config']['epochs'] == 2
@@ -105,6 +249,8 @@ def test_quickstart(tmp_path):
     wall = time.time() - t0
     assert wall < QUICKSTART_BUDGET_S, f'quickstart took {wall:.0f} s'
     for label in ('Proposed model', 'UNet', 'Dice', 'HD(mm)', 'ASSD(mm)'): assert label in r.stdout, label
+    legend = 'empty = how many cases have an infinite HD, because exactly one of the prediction and the truth is empty'
+    assert legend in r.stdout and legend in (tmp_path / 'qs' / 'quickstart_table.md').read_text()   # the table says what it counts
     fig = tmp_path / 'qs' / 'quickstart_comparison.png'
     assert fig.exists() and fig.stat().st_size > 10_000
     print(f'quickstart wall time {wall:.0f} s')
