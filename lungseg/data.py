@@ -730,13 +730,21 @@ def normalize_hu(hu, # HU values: numpy array or torch tensor
 
 # %% ../nbs/01_data.ipynb #c079
 class SliceDataset(Dataset):
-    "Torch dataset over a `SliceSet`: (image [1,H,W] in [0,1], mask [1,H,W], has_nodule) as float32."
+    "Torch dataset over a `SliceSet`: (image [1,H,W] in [0,1], mask [1,H,W], has_nodule) as float32, optionally augmented."
     def __init__(self,
                  slices:SliceSet, # from `extract_slices`
                  window=(-1200, 400), # HU window for Eq. 6 (fixed, see `normalize_hu`)
-                 augment:bool=False): # random left-right and up-down flips (training only)
+                 augment:bool=False, # random left-right and up-down flips (training only; the paper's augmentation)
+                 rot90:bool=False, # with augment: also a random multiple of 90 degrees (not in the paper)
+                 scale:float=0., # with augment: zoom about the centre by a factor drawn from [1 - scale, 1 + scale] (not in the paper)
+                 intensity:float=0.): # with augment: contrast x U(1 - intensity, 1 + intensity), shift U(-intensity/2, intensity/2) on the [0, 1] image (not in the paper)
         normalize_hu(np.zeros(1), window)  # validates the window
+        if not 0 <= scale < 1: raise ValueError(f"scale must be in [0, 1), got {scale}")
+        if not intensity >= 0: raise ValueError(f"intensity must be >= 0, got {intensity}")
+        if (rot90 or scale or intensity) and not augment:
+            raise ValueError("rot90, scale and intensity act only on augmented slices: pass augment=True as well")
         self.slices, self.window, self.augment = slices, tuple(window), augment
+        self.rot90, self.scale, self.intensity = bool(rot90), float(scale), float(intensity)
 
     def __len__(self): return len(self.slices)
 
@@ -744,14 +752,32 @@ class SliceDataset(Dataset):
         i = int(i)
         img = normalize_hu(self.slices.images[i], self.window)
         msk = self.slices.masks[i].astype(np.float32)
-        if self.augment:
+        has = float(self.slices.has_nodule[i])
+        if self.augment:   # every draw from torch's generator: seeded by torch.manual_seed, per worker by DataLoader
             lr, ud = (torch.rand(2) < 0.5).tolist()
             if lr: img, msk = img[:, ::-1], msk[:, ::-1]
             if ud: img, msk = img[::-1], msk[::-1]
+            if self.rot90:
+                k = int(torch.randint(4, ()))
+                img, msk = np.rot90(img, k), np.rot90(msk, k)
+            if self.scale:
+                s = 1 + self.scale * (2 * float(torch.rand(())) - 1)
+                img, msk = _zoom(img, s, float(normalize_hu(np.float32(-1000.), self.window))), (_zoom(msk, s, 0.) >= 0.5).astype(np.float32)
+                has = float(msk.any())   # a zoom may push a small nodule out of view
+            if self.intensity:
+                c, b = 1 + self.intensity * (2 * float(torch.rand(())) - 1), self.intensity * (float(torch.rand(())) - 0.5)
+                img = np.clip(img * c + b, 0, 1).astype(np.float32)
         return (torch.from_numpy(np.ascontiguousarray(img))[None], torch.from_numpy(np.ascontiguousarray(msk))[None],
-                torch.tensor(float(self.slices.has_nodule[i])))
+                torch.tensor(has))
 
-    def __repr__(self): return f"SliceDataset({len(self)} slices, window={self.window}, augment={self.augment})"
+    def __repr__(self):
+        extra = ''.join(f", {k}={v}" for k, v in (('rot90', self.rot90), ('scale', self.scale), ('intensity', self.intensity)) if v)
+        return f"SliceDataset({len(self)} slices, window={self.window}, augment={self.augment}{extra})"
+
+def _zoom(a:np.ndarray, s:float, fill:float) -> np.ndarray:
+    "2D array `a` magnified by `s` about its centre (bilinear), `fill` where the view leaves it."
+    pos = lambda n: (n - 1) / 2 + (np.arange(n) - (n - 1) / 2) / s
+    return _sample_planes(np.asarray(a, np.float32)[None], [0], pos(a.shape[0]), pos(a.shape[1]), 1, fill)[0]
 
 # %% ../nbs/01_data.ipynb #c083
 def kfold_split(groups, # one group label per sample (e.g. `SliceSet.groups()`)

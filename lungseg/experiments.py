@@ -16,13 +16,13 @@ from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, holdout_
 from .phantoms import make_phantom_cases
 from .train import (TrainConfig, fit, seed_everything, model_spec, build_from_spec, predict_case, evaluate_cases,
                            pick_device, save_checkpoint)
-from .metrics import segmentation_metrics
+from .metrics import segmentation_metrics, legend
 
 # %% auto #0
-__all__ = ['TABLES', 'METRICS', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets', 'train_variant',
-           'pretrain_proposed', 'ExperimentResult', 'run_experiment', 'summary', 'paired_bootstrap', 'bootstrap_table',
-           'roc_auc', 'calibration', 'expected_calibration_error', 'classifier_report', 'reliability_plot',
-           'comparison_figure', 'table_legend', 'quickstart']
+__all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets',
+           'train_variant', 'pretrain_proposed', 'ExperimentResult', 'run_experiment', 'summary', 'show',
+           'paired_bootstrap', 'bootstrap_table', 'roc_auc', 'calibration', 'expected_calibration_error',
+           'classifier_report', 'reliability_plot', 'comparison_figure', 'table_legend', 'quickstart']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -67,6 +67,8 @@ class ExperimentConfig:
     pretrain_cases: int = 60                # phantoms to pretrain on
     n_boot: int = 2000                      # bootstrap resamples for the confidence intervals
     threshold: float = 0.5                  # probability threshold of the masks
+    inner_frac: float = 0.2                 # share of each fold's training nodules held out to pick its epoch; 0: pick on the fold's own validation cases (optimistic)
+    augment: dict = field(default_factory=dict)  # extra `SliceDataset` augmentations of training slices (rot90, scale, intensity); {}: flips only, as in the paper
     @classmethod
     def small(cls, **kw) -> 'ExperimentConfig': return cls(**kw)
     @classmethod
@@ -101,12 +103,13 @@ TABLES = {
 # %% ../nbs/09_experiments.ipynb #081ba29d
 def _roi(preset: str) -> RoiConfig: return RoiConfig.paper() if preset == 'paper' else RoiConfig.small()
 
-def slice_datasets(cases: list, train_idx, val_idx, roi_cfg: RoiConfig) -> tuple:
+def slice_datasets(cases: list, train_idx, val_idx, roi_cfg: RoiConfig,
+                   augment: Optional[dict] = None) -> tuple:  # extra `SliceDataset` switches for the training slices
     "(train, val) `SliceDataset`s of the cases at the given indices; cases without a nodule give no ROI slices (val None if none has one)."
     tr_cases = [cases[i] for i in train_idx if np.asarray(cases[i].mask).any()]
     va_cases = [cases[i] for i in val_idx if np.asarray(cases[i].mask).any()]
     if not tr_cases: raise ValueError(f"None of the {len(train_idx)} training cases has a nodule in its mask: nothing to train on.")
-    tr = SliceDataset(extract_slices(tr_cases, roi_cfg), augment=True)
+    tr = SliceDataset(extract_slices(tr_cases, roi_cfg), augment=True, **(augment or {}))
     va = SliceDataset(extract_slices(va_cases, roi_cfg)) if va_cases else None
     return tr, va
 
@@ -129,7 +132,7 @@ def train_variant(v: Variant,                # the table row to train
     if v.freeze:
         from lungseg.models import freeze_groups
         freeze_groups(model, list(v.freeze))
-    tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset))
+    tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset), ecfg.augment)
     cfg = replace(ecfg.train, seed=seed, progress=progress, live_plot=False)
     hist = fit(model, tr, va, cfg, out_dir, spec=spec)
     if hist.interrupted: raise KeyboardInterrupt   # Ctrl-C stops the whole experiment, not just this fold's training
@@ -185,9 +188,27 @@ def _labels(case) -> np.ndarray:
     "Per slice of the volume: 1 if it holds nodule voxels."
     m = np.asarray(case.mask); return m.reshape(len(m), -1).any(1).astype(np.float32)
 
+def _diagonal_mm(case) -> float:
+    "Length of the diagonal of the case's volume in mm: no distance inside it is larger."
+    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(np.shape(case.mask), case.image.spacing))))
+
 def _case_metrics(prob: np.ndarray, case, threshold: float) -> dict:
-    m = segmentation_metrics((prob > threshold).astype(np.uint8), np.asarray(case.mask), tuple(case.image.spacing))
-    return {k: float(v) for k, v in m.items()}
+    "3D metrics of one case; a miss has hd/assd inf, and hd_capped/assd_capped = the volume's diagonal."
+    pred, truth, diag = (prob > threshold).astype(np.uint8), np.asarray(case.mask), _diagonal_mm(case)
+    m = {k: float(v) for k, v in segmentation_metrics(pred, truth, tuple(case.image.spacing), missed_distance=diag).items()}
+    one_empty = (m['tp'] + m['fp'] == 0) != (m['tp'] + m['fn'] == 0)
+    capped = {f'{k}_capped': m[k] for k in ('hd', 'hd95', 'assd')}
+    if one_empty: m.update(hd=np.inf, hd95=np.inf, assd=np.inf)
+    return dict(m, **capped, missed=float(m['tp'] + m['fn'] > 0 and m['tp'] + m['fp'] == 0), diag_mm=diag)
+
+def _pick_split(cases: list, groups: list, tr: np.ndarray, va: np.ndarray, frac: float, seed: int) -> tuple:
+    "(train, pick) indices: `pick` chooses the epoch. frac > 0: a `frac` share of the training groups that hold a nodule; too few: none (last epoch)."
+    if frac <= 0: return tr, va
+    nod = np.asarray([i for i in tr if np.asarray(cases[i].mask).any()])
+    if len(set(groups[i] for i in nod)) < 2: return tr, tr[:0]
+    _, b = holdout_split([groups[i] for i in nod], frac, seed)
+    pick = nod[np.asarray(b)]
+    return np.asarray([i for i in tr if i not in set(pick.tolist())]), pick
 
 def run_experiment(table,                         # 'table1' / 'table2' / 'table3', or a list of `Variant`s
                    cases: list,                   # the target cases (e.g. `load_cases('lidc')`)
@@ -212,6 +233,7 @@ def run_experiment(table,                         # 'table1' / 'table2' / 'table
         folds = [(tv[np.asarray(a)], tv[np.asarray(b)])]
     else:
         folds = [(tv[np.asarray(a)], tv[np.asarray(b)]) for a, b in kfold_split([groups[i] for i in tv], ecfg.k, split_seed)]
+    picks = [_pick_split(cases, groups, tr, va, ecfg.inner_frac, split_seed) for tr, va in folds]
     pre = {}
     cv_rows, test_rows, cls_rows, examples = [], [], [], {}
     bar = tqdm(total=len(variants) * len(ecfg.seeds) * ecfg.k, desc=name, unit='model', disable=not progress)
@@ -221,10 +243,10 @@ def run_experiment(table,                         # 'table1' / 'table2' / 'table
                 bar.set_postfix_str(f'pretraining on {ecfg.pretrain_cases} phantoms' if pretrain_cases is None else 'pretraining')
                 pre[seed] = pretrain_proposed(ecfg, pretrain_cases, seed=seed)
             models = []
-            for f, (tr, va) in enumerate(folds):
+            for f, ((tr, va), (fit_idx, pick_idx)) in enumerate(zip(folds, picks)):
                 bar.set_postfix_str(f'{v.label}, seed {seed}, fold {f + 1}/{ecfg.k}')
                 od = None if out_dir is None else Path(out_dir) / 'runs' / f'{name}_{v.label}_s{seed}_f{f}'.replace(' ', '_').replace('/', '-')
-                m, h = train_variant(v, cases, tr, va, ecfg, seed, pre.get(seed), out_dir=od, progress=progress)
+                m, h = train_variant(v, cases, fit_idx, pick_idx, ecfg, seed, pre.get(seed), out_dir=od, progress=progress)
                 for i in va:
                     pc = predict_case(m, cases[i], roi, c_oracle=_labels(cases[i]) if v.oracle_c else None)
                     cv_rows.append(dict(variant=v.label, seed=seed, fold=f, case_id=cases[i].case_id,
@@ -244,7 +266,8 @@ def run_experiment(table,                         # 'table1' / 'table2' / 'table
     bar.close()
     res = ExperimentResult(name, _jsonable(asdict(ecfg)), pd.DataFrame(cv_rows), pd.DataFrame(test_rows), pd.DataFrame(cls_rows), examples,
                            dict(split_seed=split_seed, test=[cases[i].case_id for i in te],
-                                folds=[[cases[i].case_id for i in va] for _, va in folds]), time.time() - t0)
+                                folds=[[cases[i].case_id for i in va] for _, va in folds],
+                                pick=[[cases[i].case_id for i in p] for _, p in picks]), time.time() - t0)
     if out_dir is not None: res.save(out_dir)
     return res
 
@@ -254,28 +277,51 @@ def _jsonable(d):
     return d
 
 # %% ../nbs/09_experiments.ipynb #f357aef7
+CAPPED = {'hd_capped': 'HDc(mm)', 'assd_capped': 'ASSDc(mm)'}
+
+def _with_misses(df: pd.DataFrame) -> pd.DataFrame:
+    "Rows with `missed` and the capped distances (NaN where older results lack them)."
+    if 'missed' not in df: df = df.assign(missed=((df['tp'] + df['fn'] > 0) & (df['tp'] + df['fp'] == 0)).astype(float))
+    return df.assign(**{k: df[k] if k in df else np.nan for k in CAPPED})
+
 def summary(res: ExperimentResult,      # from `run_experiment`
             split: str = 'test',        # 'test' (fold ensemble on held-out cases) or 'cv'
             fmt: bool = True,           # strings 'mean ± std' (True) or a numeric frame with mean/std columns
-            digits: int = 3) -> pd.DataFrame:
-    "The paper's table: rows = variants (in table order), columns = Pre, Sen, Dice, IoU, HD(mm), ASSD(mm), mean ± std."
+            digits: int = 3,
+            misses: bool = False) -> pd.DataFrame: # add `misses`, `n` and HD/ASSD with a miss counted at the volume diagonal
+    "The paper's table: rows = variants (in table order), columns = Pre, Sen, Dice, IoU, HD(mm), ASSD(mm), mean ± std; `.attrs['legend']` says what they mean."
     if split not in ('test', 'cv'): raise ValueError(f"split must be 'test' or 'cv', not {split!r}.")
-    df = res.test if split == 'test' else res.cv
-    df = df.assign(**{k: df[k].where(np.isfinite(df[k])) for k in METRICS})   # inf (nothing predicted) -> left out, counted in 'empty'
-    raw = res.test if split == 'test' else res.cv
+    raw = _with_misses(res.test if split == 'test' else res.cv)
+    cols = list(METRICS) + (list(CAPPED) if misses else [])
+    df = raw.assign(**{k: raw[k].where(np.isfinite(raw[k])) for k in METRICS})   # inf (one mask empty) -> left out, counted in 'empty'
     order = list(dict.fromkeys(df['variant']))
-    if split == 'cv': units = df.groupby(['variant', 'seed', 'fold'])[list(METRICS)].mean().reset_index()
-    else: units = df.groupby(['variant', 'case_id'])[list(METRICS)].mean().reset_index()   # average over seeds first
-    g = units.groupby('variant')[list(METRICS)]
+    if split == 'cv': units = df.groupby(['variant', 'seed', 'fold'])[cols].mean().reset_index()
+    else: units = df.groupby(['variant', 'case_id'])[cols].mean().reset_index()   # average over seeds first
+    g = units.groupby('variant')[cols]
     mean, std = g.mean().loc[order], g.std(ddof=1).loc[order]
-    empty = raw.assign(e=np.isinf(raw['hd'])).groupby('variant')['e'].sum().loc[order]
+    count = lambda s: raw.assign(e=s).groupby('variant')['e'].sum().loc[order].astype(int)
+    empty = count(np.isinf(raw['hd']))
+    extra = dict(misses=count(raw['missed'] > 0), n=units.groupby('variant').size().loc[order]) if misses else {}
     if not fmt:
-        out = pd.concat({'mean': mean, 'std': std}, axis=1); out['empty'] = empty; return out
+        out = pd.concat({'mean': mean, 'std': std}, axis=1); out['empty'] = empty
+        for k, v in extra.items(): out[k] = v
+        return out
     cell = lambda m, s: f'{m:.{digits}f}' + (f' ± {s:.{digits}f}' if np.isfinite(s) else '')
-    out = pd.DataFrame({METRICS[k]: [cell(m, s) for m, s in zip(mean[k], std[k])] for k in METRICS}, index=mean.index)
-    out['empty'] = empty.astype(int).values
+    names = {**METRICS, **CAPPED}
+    out = pd.DataFrame({names[k]: [cell(m, s) for m, s in zip(mean[k], std[k])] for k in METRICS}, index=mean.index)
+    out['empty'] = empty.values
+    if misses:
+        out['misses'] = extra['misses'].values
+        for k in CAPPED: out[names[k]] = [cell(m, s) for m, s in zip(mean[k], std[k])]
+        out['n'] = extra['n'].values
     out.index.name = 'Model'
+    over = 'fold models (each the mean over its validation cases)' if split == 'cv' else 'held-out cases'
+    out.attrs['legend'] = legend(out, dict(n=f'{over} the means run over')) + f'\nmean ± std over {over}.'
     return out
+
+def show(table: pd.DataFrame) -> str:
+    "A table as text with its legend under it (what `print` should show)."
+    return table.to_string() + ('\n\n' + table.attrs['legend'] if table.attrs.get('legend') else '')
 
 # %% ../nbs/09_experiments.ipynb #d793c51d
 def paired_bootstrap(a, b,                  # per-case values of the reference and of the other model (same cases, same order)
@@ -293,13 +339,17 @@ def paired_bootstrap(a, b,                  # per-case values of the reference a
     q = (1 - level) / 2
     return dict(diff=float(d.mean()), lo=float(np.quantile(boots, q)), hi=float(np.quantile(boots, 1 - q)), n=int(len(d)))
 
-def bootstrap_table(res: ExperimentResult, reference: Optional[str] = None, metrics=('dice', 'iou', 'hd', 'assd'),
+def bootstrap_table(res: ExperimentResult, reference: Optional[str] = None,
+                    metrics=('dice', 'iou', 'hd', 'assd', 'hd_capped', 'assd_capped'),  # columns of res.test
                     n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    "Paired bootstrap 95% CIs of (reference - variant) per metric on the test cases, for every other variant."
-    per = res.test.groupby(['variant', 'case_id'])[list(METRICS)].mean()
-    order = list(dict.fromkeys(res.test['variant']))
+    "Paired bootstrap 95% CIs of (reference - variant) per metric on the test cases, for every other variant, with the misses of both."
+    test = _with_misses(res.test)
+    metrics = [m for m in metrics if m in test and test[m].notna().any()]
+    per = test.groupby(['variant', 'case_id'])[metrics + ['missed']].mean()
+    order = list(dict.fromkeys(test['variant']))
     reference = reference or order[-1 if res.name == 'table1' else 0]
     ref = per.loc[reference]
+    names = {**METRICS, **CAPPED}
     rows = []
     for v in order:
         if v == reference: continue
@@ -307,10 +357,14 @@ def bootstrap_table(res: ExperimentResult, reference: Optional[str] = None, metr
         row = {'vs': v}
         for m in metrics:
             r = paired_bootstrap(ref[m].values, other[m].values, n_boot, seed)
-            row[METRICS[m]] = f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+            row[names[m]] = f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" + (f" n={r['n']}" if r['n'] < len(ref) else '')
+        row['misses'] = f"{int((ref['missed'] > 0).sum())} / {int((other['missed'] > 0).sum())}"
         rows.append(row)
     out = pd.DataFrame(rows).set_index('vs')
     out.index.name = f'{reference} minus'
+    out.attrs['legend'] = (f'Each cell: mean of ({reference} - row) over the {len(ref)} test cases [95% paired bootstrap interval]; '
+                           'n=k: only k pairs were finite (a miss has no HD/ASSD), so that interval ignores the misses.\n'
+                           + legend(out, dict(misses=f'cases with an empty prediction although a nodule is there: {reference} / row')))
     return out
 
 # %% ../nbs/09_experiments.ipynb #075aef40
@@ -336,13 +390,19 @@ def expected_calibration_error(prob, label, bins: int = 10) -> float:
     return float((c['n'] * (c['predicted'] - c['observed']).abs()).sum() / c['n'].sum())
 
 def classifier_report(res: ExperimentResult) -> pd.DataFrame:
-    "AUC, Brier score and ECE of each variant's classifier on the test slices."
-    if res.cls.empty: return pd.DataFrame(columns=['AUC', 'Brier', 'ECE', 'slices'])
+    "AUC, Brier score and ECE of each variant's classifier on the test slices, with the slice counts and the spread of c."
+    cols = ['AUC', 'Brier', 'ECE', 'slices', 'pos', 'neg', 'c_sd']
+    if res.cls.empty: return pd.DataFrame(columns=cols)
     rows = {}
     for v, d in res.cls.groupby('variant', sort=False):
         rows[v] = dict(AUC=roc_auc(d.prob, d.label), Brier=float(((d.prob - d.label) ** 2).mean()),
-                       ECE=expected_calibration_error(d.prob, d.label), slices=len(d))
-    return pd.DataFrame(rows).T
+                       ECE=expected_calibration_error(d.prob, d.label), slices=len(d), pos=int(d.label.sum()),
+                       neg=int((d.label == 0).sum()), c_sd=float(d.prob.std(ddof=0)))
+    out = pd.DataFrame(rows).T[cols]
+    out.attrs['legend'] = ('AUC: P(a slice with nodule voxels gets a higher c than one without), pooled over the test slices of all cases; '
+                           'Brier: mean (c - label)^2; ECE: expected calibration error, 10 bins; pos / neg: slices with / without nodule; '
+                           'c_sd: standard deviation of c (near 0: an untrained classifier whose AUC only ranks noise).')
+    return out
 
 def reliability_plot(res: ExperimentResult, ax=None):
     "Observed nodule frequency against the classifier's c, per variant (the diagonal is perfect calibration)."

@@ -15,9 +15,9 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['METRICS', 'PAPER_COLUMNS', 'dice_loss', 'seg_bce_loss', 'cls_bce_loss', 'total_loss', 'boundary', 'surface_distances',
-           'segmentation_metrics', 'metrics_frame', 'per_nodule_metrics', 'per_slice_metrics', 'summarize',
-           'paper_table']
+__all__ = ['METRICS', 'PAPER_COLUMNS', 'COLUMN_NOTES', 'dice_loss', 'seg_bce_loss', 'cls_bce_loss', 'total_loss', 'boundary',
+           'surface_distances', 'segmentation_metrics', 'metrics_frame', 'per_nodule_metrics', 'per_slice_metrics',
+           'summarize', 'paper_table', 'legend']
 
 # %% ../nbs/07_metrics.ipynb #27b13603
 def dice_loss(logits: Tensor, # segmentation logits [B, 1, H, W] (any [B, ...] shape)
@@ -244,14 +244,18 @@ PAPER_COLUMNS = {'precision': 'Pre', 'sensitivity': 'Sen', 'dice': 'Dice', 'iou'
 
 def summarize(df: pd.DataFrame, # rows from `metrics_frame`, `per_nodule_metrics` or `per_slice_metrics`
               metrics: Sequence=METRICS, # which columns
-             ) -> pd.DataFrame: # index: metric; columns: mean, std, n (finite), n_nan, n_inf
-    "Mean and std (ddof=1) over the finite values of each metric, with the NaN (undefined) and inf (missed) counts."
+              *,
+              cap: float|None=None, # if given, also `mean_capped`: inf (a missed nodule) counted as this distance in mm
+             ) -> pd.DataFrame: # index: metric; columns: mean, std, n (finite), n_nan, n_inf, median[, mean_capped]
+    "Mean and std (ddof=1) over the finite values of each metric, the NaN (undefined) and inf (missed) counts, and measures that count misses."
     out = {}
     for k in metrics:
         v = df[k].to_numpy(dtype=float)
-        fin = v[np.isfinite(v)]
+        fin, defined = v[np.isfinite(v)], v[~np.isnan(v)]
         out[k] = dict(mean=fin.mean() if fin.size else math.nan, std=fin.std(ddof=1) if fin.size > 1 else math.nan,
-                      n=int(fin.size), n_nan=int(np.isnan(v).sum()), n_inf=int(np.isinf(v).sum()))
+                      n=int(fin.size), n_nan=int(np.isnan(v).sum()), n_inf=int(np.isinf(v).sum()),
+                      median=float(np.median(defined)) if defined.size else math.nan)   # inf included: a miss ranks worst
+        if cap is not None: out[k]['mean_capped'] = float(np.minimum(defined, cap).mean()) if defined.size else math.nan
     return pd.DataFrame(out).T.astype({'n': int, 'n_nan': int, 'n_inf': int})
 
 def paper_table(results, # {model name: per-item DataFrame}, or one DataFrame
@@ -272,3 +276,25 @@ def paper_table(results, # {model name: per-item DataFrame}, or one DataFrame
         row['not finite'] = '; '.join(bad)
         rows[name] = row
     return pd.DataFrame(rows).T
+
+COLUMN_NOTES = {
+    'Pre': 'precision, mean over cases with a prediction (undefined when nothing is predicted)',
+    'Sen': 'sensitivity (recall), mean over cases with a nodule',
+    'Dice': 'Dice, mean over cases (a missed nodule counts 0)', 'IoU': 'IoU (Jaccard), mean over cases (a miss counts 0)',
+    'HD(mm)': 'Hausdorff distance, mean over FINITE values only: misses are left out (see misses, HDc)',
+    'HD95(mm)': '95th-percentile Hausdorff distance, mean over finite values only',
+    'ASSD(mm)': 'average symmetric surface distance, mean over finite values only: misses are left out',
+    'HDc(mm)': 'Hausdorff distance with a miss counted as the diagonal of the case volume (the largest possible)',
+    'ASSDc(mm)': 'ASSD with a miss counted as the diagonal of the case volume',
+    'misses': 'cases whose nodule got an empty prediction (Dice 0, HD and ASSD inf)',
+    'empty': 'cases with infinite HD: exactly one of prediction and truth is empty (misses, and false alarms on nodule-free cases)',
+    'n': 'cases (or fold models for cross-validation) the means run over',
+    'not finite': 'per column, how many values were NaN (undefined) or inf (missed) and left out of mean ± std',
+}
+
+def legend(df: pd.DataFrame, # a table whose columns are in `COLUMN_NOTES` (others are skipped)
+           notes: dict|None=None, # extra or overriding {column: meaning}
+          ) -> str: # one line per known column
+    "What each column of a results table means, to print under it."
+    notes = {**COLUMN_NOTES, **(notes or {})}
+    return '\n'.join(f"{c}: {notes[c]}" for c in df.columns if c in notes)
