@@ -577,7 +577,7 @@ class SliceViewer:
         display(self.widget)
 
 # %% ../nbs/02_phantoms.ipynb #efacfa1b
-def _chest_anatomy(rng, shape, spacing, lung_hu=-850.):
+def _chest_anatomy(rng, shape, spacing, n_trees=6, lung_hu=-850.):
     "Torso in HU (fat, chest wall, mediastinum, spine, two lungs with vessel trees) and the lung mask, before blur and noise."
     z, y, x = _grid(shape, spacing)
     E = np.array(shape) * np.array(spacing)
@@ -594,7 +594,7 @@ def _chest_anatomy(rng, shape, spacing, lung_hu=-850.):
     img[lung] = lung_hu + 20. * _correlated(rng, shape, spacing, 1.5)[lung]
     vf = np.zeros(shape, np.float32)
     for side in (-1, 1):                                               # vessel trees from each hilum, outwards
-        for _ in range(6):
+        for _ in range(n_trees):
             start = np.array([rng.uniform(0.2, 0.8) * E[0], cy + rng.uniform(-8, 8), cx + side * 0.1 * E[2]])
             _capsules(vf, _vessel_tree(rng, start, [rng.normal(0, .3), rng.normal(0, .6), side], rng.uniform(1.8, 3.), E, 30),
                       spacing, float(np.mean(spacing)))
@@ -642,11 +642,12 @@ def make_chest_phantom(n_nodules: int = 5,              # nodules, kinds taken i
                        origin: tuple = (110.0, 180.0, -320.0), # world (x, y, z) mm of voxel (0, 0, 0)
                        direction=None,                  # 3x3 ITK direction (default `_tilted_direction()`)
                        noise_hu: float = 30.,           # noise standard deviation
+                       vessel_trees: int = 6,           # vessel trees from each hilum (0: no vessels)
                       ) -> 'Case':
     "A whole-chest CT phantom: torso, chest wall, lungs with vessels and `n_nodules` nodules of the five kinds at known world positions."
     rng = np.random.default_rng([int(seed), 7])
     spacing = tuple(float(s) for s in spacing)
-    img, lung = _chest_anatomy(rng, shape, spacing)
+    img, lung = _chest_anatomy(rng, shape, spacing, vessel_trees)
     sig = [p / s for p, s in zip((1.0, 0.7, 0.7), spacing)]              # scanner blur and correlated noise, as make_phantom
     img += (noise_hu / math.sqrt(_gauss_var(sig))) * rng.standard_normal(shape, dtype=np.float32)
     img = ndi.gaussian_filter(img, sig, truncate=3.0)
