@@ -24,7 +24,7 @@ def _add_segment_parser(sub):
     s.add_argument('--ct', required=True, help='a scan (NIfTI, MetaImage, NRRD, MHA, or a DICOM series folder), or a folder of scans')
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument('--nodules', help='CSV of nodule positions: seriesuid,coordX,coordY,coordZ[,diameter_mm] (LUNA16, world mm) or x,y,z')
-    g.add_argument('--at', help='one nodule at X,Y,Z (world mm; voxel indices with --voxel)')
+    g.add_argument('--at', help='one nodule at X,Y,Z (world mm; voxel indices with --voxel); write --at=X,Y,Z when X is negative')
     s.add_argument('--voxel', action='store_true', help='positions are voxel indices (x = column, y = row, z = slice), not world mm')
     s.add_argument('--out', required=True, help='output folder; must not exist or be empty (see --overwrite)')
     s.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
@@ -37,7 +37,7 @@ def _at_point(text: str):
     "The one-row nodule table of `--at X,Y,Z`."
     import pandas as pd
     try: x, y, z = (float(p) for p in text.split(','))
-    except ValueError: raise ValueError(f"--at {text!r}: give three numbers X,Y,Z, e.g. --at -43.1,82.3,-265") from None
+    except ValueError: raise ValueError(f"--at {text!r}: give three numbers X,Y,Z, e.g. --at=-43.1,82.3,-265") from None
     df = pd.DataFrame(dict(seriesuid=[None], coordX=[x], coordY=[y], coordZ=[z], diameter_mm=[np.nan], line=[1]))
     df.attrs['path'] = '--at'
     return df
