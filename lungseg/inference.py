@@ -266,6 +266,31 @@ def _claim(labels: np.ndarray, rois: list, k: int, mask: np.ndarray, box: tuple)
     sub[mask] = k
 
 # %% ../nbs/12_segment.ipynb #7f6da1b1
+def _object(prob: np.ndarray, centre, spacing, icfg: InferConfig) -> np.ndarray:
+    "The nodule in an ROI's probabilities: above the threshold, and only the centre component when `icfg.keep_centre`."
+    m = prob > icfg.threshold
+    return keep_component(m, centre, spacing) if icfg.keep_centre else m
+
+def _segment_point(models, volume: CTVolume, c, roi_cfg: RoiConfig, icfg: InferConfig, half_mm: float) -> tuple:
+    "One nodule: the ROI on a batch of slices around the point, grown a batch at a time while the object reaches an end slice (at most `half_mm`)."
+    zlim = _z_slices(c[0], volume.spacing[0], half_mm, volume.shape[0])
+    step = max(2, icfg.batch_size)
+    lo = int(np.clip(round(c[0]) - step // 2, zlim[0], zlim[-1])); hi = min(zlim[-1], lo + step - 1)
+    r = predict_roi(models, volume, c, np.arange(lo, hi + 1), roi_cfg, icfg)
+    prob, cls, (ys, xs) = r['prob'], r['cls'], r['box'][1:]
+    while True:
+        m = _object(prob, c - [lo, ys.start, xs.start], volume.spacing, icfg)
+        new = [np.arange(max(zlim[0], lo - step), lo) if m[0].any() and lo > zlim[0] else np.arange(0),
+               np.arange(hi + 1, min(zlim[-1], hi + step) + 1) if m[-1].any() and hi < zlim[-1] else np.arange(0)]
+        if not any(len(z) for z in new): break
+        for side, zs in enumerate(new):
+            if not len(zs): continue
+            q = predict_roi(models, volume, c, zs, roi_cfg, icfg)
+            prob = np.concatenate([q['prob'], prob] if side == 0 else [prob, q['prob']])
+            if cls is not None: cls = np.concatenate([q['cls'], cls] if side == 0 else [cls, q['cls']])
+            lo, hi = (int(zs[0]), hi) if side == 0 else (lo, int(zs[-1]))
+    return dict(box=(slice(lo, hi + 1), ys, xs), prob=prob, cls=cls), m
+
 def segment_ct(models,                   # a trained model or a list of them (ensemble)
                volume: CTVolume,         # the whole scan, HU, any geometry
                centres,                  # (n, 3) nodule positions: world (x, y, z) mm, or voxel (z, y, x) with voxel=True
@@ -281,12 +306,10 @@ def segment_ct(models,                   # a trained model or a list of them (en
     if voxel: voxel_centres(volume, volume.voxel_to_world(cz), ids, source)   # the same range check
     half = roi_fov_mm(roi_cfg, volume.spacing[1:]).max() / 2
     labels = np.zeros(volume.shape, np.uint8 if len(cz) < 256 else np.uint16)
-    rois, masks = [], []
+    rois = []
     for k, c in enumerate(tqdm(cz, desc='nodules', unit='nodule', disable=not progress), 1):
-        r = predict_roi(models, volume, c, _z_slices(c[0], volume.spacing[0], half, volume.shape[0]), roi_cfg, icfg)
-        m = r['prob'] > icfg.threshold
-        if icfg.keep_centre: m = keep_component(m, c - [b.start for b in r['box']], volume.spacing)
-        rois.append(dict(box=r['box'], prob=r['prob'], cls=r['cls']))
+        r, m = _segment_point(models, volume, c, roi_cfg, icfg, half)
+        rois.append(r)
         _claim(labels, rois, k, m, r['box'])
     rows = [dict(id=k, input_z=c[0], input_y=c[1], input_x=c[2],
                  **measure_nodule(volume, labels[r['box']] == k, r['box'], r['prob'], r['cls']))
