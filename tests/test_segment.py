@@ -126,6 +126,6 @@ def test_console_command(setup, tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     p = subprocess.run([sys.executable, '-c', 'import sys; from lungseg.cli import main; sys.exit(main())', 'segment', '--checkpoint', str(ck),
                         '--ct', str(scan), f'--at={x},{y},{z}', '--out', str(tmp_path / 'o'), '--threads', '1'],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       capture_output=True, encoding='utf-8', errors='replace', env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / 'o' / 'labels.nii.gz').is_file() and 'wrote' in p.stdout
