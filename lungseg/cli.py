@@ -17,7 +17,8 @@ def _add_segment_parser(sub):
     "The `lungseg segment` subcommand and its options."
     s = sub.add_parser('segment', help='segment and measure the marked nodules of CT scans with a trained checkpoint',
                        description="For each nodule marked in --nodules (or --at), cut the ROI the checkpoint's model was trained on, "
-                                   "segment it and write to --out: labels.nii.gz (nodule k = label k, in the scan's exact geometry), "
+                                   "segment it and write to --out: labels.nii.gz (nodule k = label k, in the scan's exact geometry; for a DICOM "
+                                   "series also labels_seg.dcm, a DICOM SEG, when highdicom is installed), "
                                    "nodules.csv and nodules.json (centroid, volume, diameters, HU, probabilities) and overview.png. "
                                    "With a folder of scans: one sub-folder per seriesuid and a combined nodules.csv.")
     s.add_argument('--checkpoint', required=True, help='a .pt file written by lungseg train (best.pt or last.pt)')

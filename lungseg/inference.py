@@ -15,16 +15,16 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from tqdm.auto import tqdm
 from .blocks import SegOutput
-from .data import (CTFileError, CTVolume, Case, RoiConfig, roi_grid, _sample_planes, normalize_hu,
-                          luna_to_voxel, load_scans, write_volume)
+from .data import (CTFileError, CTVolume, Case, RoiConfig, roi_grid, _sample_planes, _atomic_write, normalize_hu,
+                          luna_to_voxel, load_scans, scan_id, write_volume)
 from .metrics import segmentation_metrics
 from .train import TrainConfig, _autocast, _to_float, _unwrap, load_trained
 
 # %% auto #0
 __all__ = ['InferConfig', 'roi_inputs', 'run_models', 'keep_component', 'predict_roi', 'roi_fov_mm', 'tile_centres',
            'predict_case', 'predict_volume', 'evaluate_cases', 'axial_diameters', 'measure_nodule', 'Segmentation',
-           'voxel_centres', 'segment_ct', 'overview_figure', 'read_nodules_csv', 'match_scans', 'write_outputs',
-           'load_segmenter', 'segment_files', 'demo_segmenter', 'SegmentationBrowser']
+           'voxel_centres', 'segment_ct', 'overview_figure', 'read_nodules_csv', 'match_scans', 'write_dicom_seg',
+           'write_outputs', 'load_segmenter', 'segment_files', 'demo_segmenter', 'SegmentationBrowser']
 
 # %% ../nbs/12_segment.ipynb #9409cd7e
 @dataclass
@@ -380,6 +380,29 @@ def match_scans(points: pd.DataFrame, # from `read_nodules_csv`
                           "A scan's seriesuid is its file name without the extension, or its DICOM SeriesInstanceUID")
     return {uid: points[points.seriesuid == uid] for uid in ids if (points.seriesuid == uid).any()}
 
+# %% ../nbs/12_segment.ipynb #07fc1de2
+def write_dicom_seg(labels: CTVolume, # the label volume on the series' grid (from `segment_ct`)
+                    series,           # the DICOM series folder the scan was read from
+                    path,             # the .dcm file to write
+                    n: int):          # number of nodules (segments 1..n; empty ones are kept, as empty segments)
+    "Write the labels as a DICOM SEG object that references the source series (needs the optional `highdicom`)."
+    import highdicom as hd, pydicom, SimpleITK as sitk
+    from pydicom.sr.codedict import codes
+    from lungseg import __version__
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series), scan_id(series))   # the slice order of `read_volume`
+    sources = [pydicom.dcmread(f) for f in files]
+    algo = hd.AlgorithmIdentificationSequence(name='lungseg', version=__version__, family=codes.cid7162.ArtificialIntelligence)
+    segs = [hd.seg.SegmentDescription(segment_number=k, segment_label=f'nodule {k}', algorithm_identification=algo,
+                                      segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                                      segmented_property_type=codes.SCT.Nodule, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC)
+            for k in range(1, n + 1)]
+    onehot = np.stack([labels.array == k for k in range(1, n + 1)], -1).astype(np.uint8)   # (frames, rows, cols, segments)
+    seg = hd.seg.Segmentation(source_images=sources, pixel_array=onehot, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                              segment_descriptions=segs, series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
+                              instance_number=1, manufacturer='lungseg', manufacturer_model_name='lungseg segment',
+                              software_versions=__version__, device_serial_number='0', omit_empty_frames=False)
+    _atomic_write(Path(path), lambda p: seg.save_as(p))
+
 # %% ../nbs/12_segment.ipynb #8fddf71e
 def _json_ready(x):
     if isinstance(x, dict): return {k: _json_ready(v) for k, v in x.items()}
@@ -389,10 +412,20 @@ def _json_ready(x):
     if isinstance(x, (float, np.floating)): return float(x) if np.isfinite(x) else None
     return x
 
+def _dicom_seg(seg: Segmentation, series: Path, path: Path) -> None:
+    "A DICOM SEG beside the NIfTI labels when the scan is a DICOM series and highdicom is installed; else a warning says why not."
+    try: import highdicom
+    except ImportError:
+        warnings.warn(f"{series}: highdicom is not installed, so no DICOM SEG was written (pip install highdicom); labels.nii.gz has the result")
+        return
+    try: write_dicom_seg(seg.labels, series, path, len(seg.table))
+    except (ValueError, AttributeError) as e: warnings.warn(f"{series}: no DICOM SEG written ({str(e)[:200]}); labels.nii.gz has the result")
+
 def write_outputs(seg: Segmentation, volume: CTVolume, folder, seriesuid: str) -> pd.DataFrame:
-    "Write labels.nii.gz (the scan's geometry), nodules.csv, nodules.json and overview.png into `folder`; return the table."
+    "Write labels.nii.gz (the scan's geometry; DICOM SEG too for a DICOM series), nodules.csv, nodules.json and overview.png into `folder`; return the table."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     write_volume(seg.labels, folder / 'labels.nii.gz')
+    if volume.path is not None and volume.path.is_dir(): _dicom_seg(seg, volume.path, folder / 'labels_seg.dcm')
     table = seg.table.reset_index().assign(seriesuid=seriesuid)
     table.to_csv(folder / 'nodules.csv', index=False)
     geom = dict(shape_zyx=list(volume.shape), spacing_zyx=list(volume.spacing), origin_xyz=list(volume.origin),
