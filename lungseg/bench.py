@@ -25,7 +25,7 @@ from .train import TrainConfig, make_adam
 __all__ = ['BenchConfig', 'PeakMemory', 'make_batch', 'prepare', 'train_step_times', 'latency_ms', 'train_flops',
            'monai_unet_like', 'compare_with_monai', 'step_phases', 'op_kinds', 'plain_dilated', 'cut_gains',
            'isolated_ms', 'component_shares', 'measure_model', 'machine_info', 'run_benchmarks', 'results_table',
-           'main', 'show_results', 'thread_contention', 'contention_table']
+           'main', 'show_results', 'bench_segment', 'thread_contention', 'contention_table']
 
 # %% ../nbs/11_bench.ipynb #dc1d11ae
 @dataclass
@@ -456,6 +456,42 @@ def show_results(res: dict):
     prof = res['profile_proposed']
     display(pd.DataFrame({'ms per step': prof['phases_ms']}).T.round(1))
     display(pd.DataFrame(prof['op_kinds']).T)
+
+# %% ../nbs/11_bench.ipynb #2fa0b22b
+class _AllNodule(nn.Module):
+    "Runs `net` and then calls every pixel nodule: the worst case for inference time (every ROI grows to its full depth)."
+    def __init__(self, net): super().__init__(); self.net, self.size_multiple = net, net.size_multiple
+    def forward(self, x):
+        out = self.net(x)
+        return SegOutput(torch.full_like(out.seg, 10.), out.cls)
+
+def bench_segment(shape: tuple = (300, 512, 512),     # scan size (z, y, x)
+                  n_nodules: int = 10,                 # marked nodules
+                  spacing: tuple = (1.0, 0.7, 0.7),    # (z, y, x) mm
+                  model: str = 'proposed', preset: str = 'small',
+                  threads: int | None = None,          # torch threads (None: leave as is)
+                  worst_case: bool = False,            # every ROI pixel called nodule: each ROI grows to its full depth
+                  seed: int = 0) -> dict:
+    "Wall time and peak extra host memory of `lungseg.inference.segment_ct` on a synthetic scan (untrained weights: speed does not depend on them)."
+    from lungseg.data import CTVolume, RoiConfig
+    from lungseg.inference import segment_ct
+    if threads: torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(-900, -800, shape, dtype=np.int16)                     # lung-like noise
+    idx = np.stack([rng.integers(0, n, n_nodules) for n in shape], 1)
+    for z, y, x in idx: arr[max(z - 3, 0):z + 4, max(y - 8, 0):y + 9, max(x - 8, 0):x + 9] = 40   # a bright block per nodule
+    vol = CTVolume(arr, spacing, (-180., -180., -300.))
+    net = build_model(model, preset).eval()
+    if worst_case: net = _AllNodule(net)
+    roi = RoiConfig.paper() if preset == 'paper' else RoiConfig.small()
+    segment_ct(net, vol, idx[:1].astype(float), roi, voxel=True, progress=False)   # warm-up
+    t0 = time.perf_counter()
+    with PeakMemory() as pm: seg = segment_ct(net, vol, idx.astype(float), roi, voxel=True, progress=False)
+    sec = time.perf_counter() - t0
+    return dict(shape=tuple(shape), n_nodules=n_nodules, spacing=tuple(spacing), model=model, preset=preset, worst_case=worst_case,
+                threads=torch.get_num_threads(), roi_slices=sum(r['prob'].shape[0] for r in seg.rois),
+                seconds=sec, scan_mib=arr.nbytes / 2**20, peak_extra_mib=pm.peak_mib, peak_over_scan=pm.peak_bytes / arr.nbytes,
+                labelled=int((seg.labels.array > 0).sum()))
 
 # %% ../nbs/11_bench.ipynb #fc96eaea
 _STEP_SCRIPT = """

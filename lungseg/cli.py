@@ -10,8 +10,54 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['MODEL_CHOICES', 'default_threads', 'build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment', 'cmd_quickstart',
-           'cmd_bench', 'main']
+__all__ = ['MODEL_CHOICES', 'cmd_segment', 'default_threads', 'build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment',
+           'cmd_quickstart', 'cmd_bench', 'main']
+
+# %% ../nbs/09a_cli.ipynb #f00335f8
+def _add_segment_parser(sub):
+    "The `lungseg segment` subcommand and its options."
+    s = sub.add_parser('segment', help='segment and measure the marked nodules of CT scans with a trained checkpoint',
+                       description="For each nodule marked in --nodules (or --at), cut the ROI the checkpoint's model was trained on, "
+                                   "segment it and write to --out: labels.nii.gz (nodule k = label k, in the scan's exact geometry; for a DICOM "
+                                   "series also labels_seg.dcm, a DICOM SEG, when highdicom is installed), "
+                                   "nodules.csv and nodules.json (centroid, volume, diameters, HU, probabilities) and overview.png. "
+                                   "With a folder of scans: one sub-folder per seriesuid and a combined nodules.csv.")
+    s.add_argument('--checkpoint', required=True, help='a .pt file written by lungseg train (best.pt or last.pt)')
+    s.add_argument('--ct', required=True, help='a scan (NIfTI, MetaImage, NRRD, MHA, or a DICOM series folder), or a folder of scans')
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument('--nodules', help='CSV of nodule positions: seriesuid,coordX,coordY,coordZ[,diameter_mm] (LUNA16, world mm) or x,y,z')
+    g.add_argument('--at', help='one nodule at X,Y,Z (world mm; voxel indices with --voxel); write --at=X,Y,Z when X is negative')
+    s.add_argument('--voxel', action='store_true', help='positions are voxel indices (x = column, y = row, z = slice), not world mm')
+    s.add_argument('--out', required=True, help='output folder; must not exist or be empty (see --overwrite)')
+    s.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    s.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean over the slice and its two mirror images)')
+    s.add_argument('--gate', action='store_true', help="empty every slice whose classifier probability c is below 0.5 (models with a classifier)")
+    s.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
+    s.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
+
+def _at_point(text: str):
+    "The one-row nodule table of `--at X,Y,Z`."
+    import pandas as pd
+    try: x, y, z = (float(p) for p in text.split(','))
+    except ValueError: raise ValueError(f"--at {text!r}: give three numbers X,Y,Z, e.g. --at=-43.1,82.3,-265") from None
+    df = pd.DataFrame(dict(seriesuid=[None], coordX=[x], coordY=[y], coordZ=[z], diameter_mm=[np.nan], line=[1]))
+    df.attrs['path'] = '--at'
+    return df
+
+def cmd_segment(a) -> int:
+    "`lungseg segment`: segment and measure the marked nodules of a scan (or a folder of scans)."
+    _setup_torch(a)
+    from lungseg.inference import InferConfig, load_segmenter, read_nodules_csv, segment_files
+    from lungseg.train import pick_device
+    model, roi = load_segmenter(a.checkpoint, pick_device(a.device))
+    points = read_nodules_csv(a.nodules) if a.nodules else _at_point(a.at)
+    t0 = time.time()
+    icfg = InferConfig(keep_centre=True, tta_flip=a.tta, gate_cls=a.gate)
+    table = segment_files(model, roi, a.ct, points, a.out, icfg, voxel=a.voxel, overwrite=a.overwrite)
+    cols = ['seriesuid', 'id', 'x_mm', 'y_mm', 'z_mm', 'volume_mm3', 'diameter_mm', 'long_axis_mm', 'short_axis_mm', 'touches_border']
+    print(table[cols].round(1).to_string(index=False))
+    print(f"wrote {a.out}: labels, nodules.csv, nodules.json, overview.png ({len(table)} nodules, {time.time() - t0:.1f} s)")
+    return 0
 
 # %% ../nbs/09a_cli.ipynb #6c950817
 _DATA_HELP = ("case folder (images/<id>.nii.gz + masks/<id>.nii.gz, any SimpleITK format or DICOM series folders), "
@@ -130,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--out', default=None, help='folder for the tables (markdown), raw results (CSV) and protocol (JSON)')
     _add_common(x)
 
+    _add_segment_parser(sub)
     b = sub.add_parser('bench', add_help=False, help='benchmark every model (throughput, latency, memory) against MONAI; see lungseg bench --help',
                        description='Run lungseg.bench: the options are those of python -m lungseg.bench.')
     return ap
@@ -256,7 +303,8 @@ def cmd_evaluate(a) -> int:
     "`lungseg evaluate`: per-case 3D metrics of a checkpoint on every case volume of --data, as JSON."
     _setup_torch(a)
     import pandas as pd
-    from lungseg.train import load_trained, evaluate_cases
+    from lungseg.train import load_trained
+    from lungseg.inference import evaluate_cases
     from lungseg.experiments import load_cases, _roi
     if a.out:
         if Path(a.out).is_dir(): raise IsADirectoryError(f"--out {a.out} is a folder; evaluate writes one JSON file, e.g. {Path(a.out) / 'metrics.json'}.")
@@ -368,6 +416,7 @@ def main(argv=None) -> int:
         ap.print_help(); return 0
     from lungseg.train import TrainingError
     cmds = dict(quickstart=cmd_quickstart, train=cmd_train, evaluate=cmd_evaluate, experiment=cmd_experiment)
+    cmds['segment'] = cmd_segment
     try:
         return cmds[a.command](a)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, TrainingError) as e:

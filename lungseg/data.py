@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'CTFileError', 'CTVolume', 'volume_suffix', 'volume_stem',
            'read_volume', 'write_volume', 'save_figure', 'write_dicom_series', 'Case', 'check_mask', 'load_case_folder',
-           'write_case_folder', 'lidc_dir', 'find_lidc', 'resample_volume', 'read_luna_csv', 'luna_to_voxel',
-           'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'extract_slices', 'normalize_hu', 'SliceDataset',
-           'kfold_split', 'holdout_split']
+           'write_case_folder', 'scan_id', 'load_scans', 'lidc_dir', 'find_lidc', 'resample_volume', 'read_luna_csv',
+           'luna_to_voxel', 'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'roi_grid', 'extract_slices',
+           'normalize_hu', 'SliceDataset', 'kfold_split', 'holdout_split']
 
 # %% ../nbs/01_data.ipynb #c007
 class CTFileError(ValueError):
@@ -338,10 +338,11 @@ class Case:
     "One CT volume with its nodule mask and free-form metadata."
     case_id: str # unique name, e.g. the file stem
     image: CTVolume # CT in HU
-    mask: np.ndarray # uint8 (z, y, x), same shape as image.array; 1 = nodule
+    mask: np.ndarray|None # uint8 (z, y, x), same shape as image.array; 1 = nodule; None: a scan without mask (inference)
     meta: dict = field(default_factory=dict) # free-form: 'kind', 'texture', 'patient_id', 'diameter_mm', ...
 
     def __post_init__(self):
+        if self.mask is None: return
         self.mask = np.asarray(self.mask)
         if self.mask.shape != self.image.shape:
             raise ValueError(f"case {self.case_id}: mask shape {self.mask.shape} differs from image shape {self.image.shape}")
@@ -350,7 +351,7 @@ class Case:
     def spacing(self): return self.image.spacing
 
     def __repr__(self):
-        return f"Case({self.case_id!r}, shape={self.image.shape}, spacing={self.image.spacing}, nodule voxels={int(self.mask.sum())}, meta keys={list(self.meta)})"
+        return f"Case({self.case_id!r}, shape={self.image.shape}, spacing={self.image.spacing}, nodule voxels={'no mask' if self.mask is None else int(self.mask.sum())}, meta keys={list(self.meta)})"
 
 # %% ../nbs/01_data.ipynb #c033
 def _natural_key(s:str):
@@ -456,6 +457,36 @@ def write_case_folder(cases:list, # the cases to write
         else: os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
+
+# %% ../nbs/01_data.ipynb #5877dba3
+def _is_dicom_folder(folder:Path) -> bool:
+    "A folder of slice files (no sub-folders, no volume files other than .dcm): one DICOM series."
+    entries = [p for p in folder.iterdir() if not p.name.startswith('.')]
+    return bool(entries) and not any(p.is_dir() or volume_suffix(p) in READ_SUFFIXES[:-1] for p in entries)
+
+def scan_id(path) -> str:
+    "A scan's seriesuid: the file name without its format suffix, or the SeriesInstanceUID of a DICOM series folder."
+    path = Path(path)
+    if not path.is_dir(): return volume_stem(path)
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not ids: return path.name
+    return max(ids, key=lambda i: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), i)))
+
+def load_scans(path, # a volume file, a DICOM series folder, a folder of scans, or a case folder (its images/)
+               progress:bool=True # show a tqdm progress bar
+              ) -> list[Case]:
+    "Scans without masks (for inference) as cases with `mask=None`, named by `scan_id`, sorted."
+    path = Path(path)
+    if not path.exists(): raise CTFileError(path, "does not exist")
+    if path.is_dir() and (path / 'images').is_dir(): path = path / 'images'
+    paths = [path] if not path.is_dir() or _is_dicom_folder(path) else list(_scan_volumes(path).values())
+    if not paths: raise CTFileError(path, "holds no CT scans", f"Pass a volume file ({', '.join(READ_SUFFIXES[:-1])}), a DICOM series folder or a folder of them")
+    cases = [Case(scan_id(p), read_volume(p), None, dict(path=str(p)))
+             for p in tqdm(paths, desc=f'Loading {path.name}', unit='scan', disable=not progress or len(paths) == 1)]
+    ids = [c.case_id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup: raise CTFileError(path, f"holds several scans with the seriesuid {dup[0]!r}", "Keep one scan per seriesuid")
+    return sorted(cases, key=lambda c: _natural_key(c.case_id))
 
 # %% ../nbs/01_data.ipynb #c041
 def lidc_dir() -> Path:
@@ -645,6 +676,7 @@ def _nodules_of(case:Case) -> list:
     "(centre_zyx, (z0, z1)) of each nodule: from meta['nodules'] when given, else 26-connected components of the mask."
     if case.meta.get('nodules'):
         return [(tuple(float(v) for v in n['centre_zyx']), tuple(int(v) for v in n['z_range'])) for n in case.meta['nodules']]
+    if case.mask is None: raise ValueError(f"case {case.case_id}: has no mask; training slices need one (or meta['nodules'] with a mask)")
     m = np.asarray(case.mask) > 0
     if not m.any(): return []
     box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in (np.flatnonzero(m.any(ax)) for ax in ((1, 2), (0, 2), (0, 1))))
@@ -687,27 +719,31 @@ def _sample_planes(arr:np.ndarray, zs, rows, cols, order:int, fill:float) -> np.
     slab = arr[np.asarray(zs)][:, ys, xs].astype(np.float32) - np.float32(fill)
     return Wy[:, ys] @ slab @ Wx[:, xs].T + np.float32(fill)
 
+def roi_grid(centre_yx, # ROI centre (row, col) in continuous voxel indices of the scan
+             spacing_yx, # the scan's in-plane (row, col) spacing in mm
+             cfg:RoiConfig # ROI size and pixel spacing
+            ) -> tuple:
+    "Where an ROI's pixels sit in a scan: (rows, cols) voxel positions, the ROI's (row, col) spacing in mm, interpolation order."
+    S = cfg.size
+    if cfg.spacing_mm is None:   # native pixels: an exact crop around the nearest voxel
+        rows = np.round(centre_yx[0]) - S // 2 + np.arange(S); cols = np.round(centre_yx[1]) - S // 2 + np.arange(S)
+        return rows, cols, tuple(float(s) for s in spacing_yx), 0
+    off = (np.arange(S) - (S - 1) / 2) * cfg.spacing_mm   # resample: pixel centres spaced spacing_mm apart, centred on the centre
+    return centre_yx[0] + off / spacing_yx[0], centre_yx[1] + off / spacing_yx[1], (cfg.spacing_mm, cfg.spacing_mm), 1
+
 def extract_slices(cases:list, # cases with nodule masks (e.g. from `load_case_folder`)
                    cfg:RoiConfig|None=None, # window size, pixel spacing, empty-slice ratio; default RoiConfig.small()
                    progress:bool=False # show a tqdm progress bar
                   ) -> SliceSet:
     "Cut each nodule's ROI into 2D slices (nodule slices + adjacent empty slices), resampled in-plane, padded with air; cases with empty masks add none."
     cfg = cfg or RoiConfig.small()
-    S = cfg.size
     imgs, msks, cidx, ridx, zidx, psp, rois = [], [], [], [], [], [], []
     for ci, case in enumerate(tqdm(cases, desc='Extracting ROIs', unit='case', disable=not progress)):
         depth = case.image.shape[0]
         sz, sy, sx = case.image.spacing
         for centre, (z0, z1) in _nodules_of(case):
             zs = sorted(set(range(z0, z1 + 1)) | set(_empty_slices(z0, z1, depth, int(round(cfg.empty_ratio * (z1 - z0 + 1))))))
-            if cfg.spacing_mm is None:   # native pixels: an exact crop around the nearest voxel
-                rows = np.round(centre[1]) - S // 2 + np.arange(S); cols = np.round(centre[2]) - S // 2 + np.arange(S)
-                out_sp = (sy, sx)
-            else:                          # resample: pixel centres spaced spacing_mm apart, centred on the centroid
-                off = (np.arange(S) - (S - 1) / 2) * cfg.spacing_mm
-                rows, cols = centre[1] + off / sy, centre[2] + off / sx
-                out_sp = (cfg.spacing_mm, cfg.spacing_mm)
-            order = 0 if cfg.spacing_mm is None else 1
+            rows, cols, out_sp, order = roi_grid(centre[1:], (sy, sx), cfg)
             im = _sample_planes(case.image.array, zs, rows, cols, order, cfg.pad_hu)
             mk = _sample_planes(case.mask, zs, rows, cols, order, 0.) >= 0.5
             rois.append(dict(case_index=ci, centre_zyx=tuple(float(c) for c in centre), z_range=(z0, z1), n_slices=len(zs)))

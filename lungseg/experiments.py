@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, holdout_split, load_case_folder, lidc_dir
 from .phantoms import make_phantom_cases
-from .train import (TrainConfig, fit, seed_everything, model_spec, build_from_spec, predict_case, evaluate_cases,
-                           pick_device, save_checkpoint)
+from .train import TrainConfig, fit, seed_everything, model_spec, build_from_spec, pick_device, save_checkpoint
+from .inference import predict_case, evaluate_cases
 from .metrics import segmentation_metrics, legend
 
 # %% auto #0

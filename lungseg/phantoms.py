@@ -14,7 +14,8 @@ from .data import Case, CTVolume, write_case_folder
 
 # %% auto #0
 __all__ = ['NODULE_KINDS', 'ALL_KINDS', 'PhantomConfig', 'make_phantom', 'wall_mask', 'wall_contact', 'tissue_masks', 'roi_stats',
-           'slice_rgb', 'phantom_kinds', 'make_phantom_cases', 'write_phantom_folder', 'SliceViewer']
+           'slice_rgb', 'phantom_kinds', 'make_phantom_cases', 'write_phantom_folder', 'SliceViewer',
+           'make_chest_phantom']
 
 # %% ../nbs/02_phantoms.ipynb #95c4f77b
 NODULE_KINDS = ('isolated', 'juxtapleural', 'calcific', 'ground_glass', 'cavitary')
@@ -574,3 +575,99 @@ class SliceViewer:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+# %% ../nbs/02_phantoms.ipynb #efacfa1b
+def _chest_anatomy(rng, shape, spacing, n_trees=6, lung_hu=-850.):
+    "Torso in HU (fat, chest wall, mediastinum, spine, two lungs with vessel trees) and the lung mask, before blur and noise."
+    z, y, x = _grid(shape, spacing)
+    E = np.array(shape) * np.array(spacing)
+    cy, cx = E[1] / 2, E[2] / 2
+    ell = lambda y0, x0, ay, ax: ((y - y0) / ay) ** 2 + ((x - x0) / ax) ** 2
+    shrink = 1 - 0.6 * ((z - E[0] / 2) / E[0]) ** 2                  # lungs narrow towards apex and base
+    body = ell(cy, cx, 0.46 * E[1], 0.47 * E[2])
+    lung = np.zeros(shape, bool)
+    for side in (-1, 1): lung |= ell(cy - 0.03 * E[1], cx + side * 0.22 * E[2], 0.32 * E[1] * shrink, 0.165 * E[2] * shrink) < 1
+    img = np.full(shape, -1000., np.float32)
+    img[np.broadcast_to(body < 1, shape)] = -100.                      # subcutaneous fat
+    img[np.broadcast_to(body < 0.86, shape)] = 40.                     # chest wall muscle, mediastinum
+    img[np.broadcast_to(ell(cy + 0.33 * E[1], cx, 0.07 * E[1], 0.07 * E[1]) < 1, shape)] = 450.   # spine
+    img[lung] = lung_hu + 20. * _correlated(rng, shape, spacing, 1.5)[lung]
+    vf = np.zeros(shape, np.float32)
+    for side in (-1, 1):                                               # vessel trees from each hilum, outwards
+        for _ in range(n_trees):
+            start = np.array([rng.uniform(0.2, 0.8) * E[0], cy + rng.uniform(-8, 8), cx + side * 0.1 * E[2]])
+            _capsules(vf, _vessel_tree(rng, start, [rng.normal(0, .3), rng.normal(0, .6), side], rng.uniform(1.8, 3.), E, 30),
+                      spacing, float(np.mean(spacing)))
+    vf *= lung
+    img += vf * (40. - img)
+    return img, lung
+
+def _nodule_sites(rng, lung, spacing, kinds, min_gap_mm=25.):
+    "A voxel centre (z, y, x) per kind: well inside a lung, or just inside its border for juxtapleural; `min_gap_mm` apart."
+    depth = ndi.distance_transform_edt(lung, sampling=spacing)
+    inner, rim = np.argwhere(depth >= 10.), np.argwhere((depth >= 2.) & (depth <= 4.))
+    sites = []
+    for kind in kinds:
+        pool = rim if kind == 'juxtapleural' else inner
+        for _ in range(200):
+            c = pool[rng.integers(len(pool))]
+            if all(np.linalg.norm((c - s) * spacing) >= min_gap_mm for s in sites): break
+        else: raise ValueError(f"no room for {len(kinds)} nodules {min_gap_mm} mm apart in this torso; ask for fewer or a larger shape")
+        sites.append(c)
+    return sites
+
+def _paste_nodule(img, labels, roi, site, k, spacing):
+    "Blend phantom ROI `roi`'s nodule (and 2.5 mm around it) into `img` with its centroid at voxel `site`; label it `k`."
+    m = roi.mask > 0
+    off = np.asarray(site) - np.round(np.argwhere(m).mean(0)).astype(int)
+    lo, hi = np.maximum(off, 0), np.minimum(off + m.shape, img.shape)
+    src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, off)); dst = tuple(slice(a, b) for a, b in zip(lo, hi))
+    w = np.clip(1 - ndi.distance_transform_edt(~m, sampling=spacing) / 2.5, 0, 1)[src]
+    img[dst] += w * (roi.image.array[src] - img[dst])
+    lab = labels[dst]
+    lab[m[src] & (lab == 0)] = k
+
+# %% ../nbs/02_phantoms.ipynb #361ac50f
+def _tilted_direction(angle=0.3):
+    "A non-identity ITK direction: rotated about z and with x and y flipped (an LPS-like scanner frame)."
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.]]) @ np.diag([-1., -1., 1.])
+
+def make_chest_phantom(n_nodules: int = 5,              # nodules, kinds taken in turn from `kinds`
+                       seed: int = 0,                   # the same seed gives the same chest
+                       shape: tuple = (40, 256, 320),   # (z, y, x) voxels
+                       spacing: tuple = (2.5, 0.7, 0.7),# (z, y, x) mm: thick slices, as clinical CT
+                       kinds: tuple = NODULE_KINDS,     # nodule kinds
+                       sites=None,                      # optional voxel centres (z, y, x), one per nodule (else drawn in the lungs)
+                       origin: tuple = (110.0, 180.0, -320.0), # world (x, y, z) mm of voxel (0, 0, 0)
+                       direction=None,                  # 3x3 ITK direction (default `_tilted_direction()`)
+                       noise_hu: float = 30.,           # noise standard deviation
+                       vessel_trees: int = 6,           # vessel trees from each hilum (0: no vessels)
+                      ) -> 'Case':
+    "A whole-chest CT phantom: torso, chest wall, lungs with vessels and `n_nodules` nodules of the five kinds at known world positions."
+    rng = np.random.default_rng([int(seed), 7])
+    spacing = tuple(float(s) for s in spacing)
+    img, lung = _chest_anatomy(rng, shape, spacing, vessel_trees)
+    sig = [p / s for p, s in zip((1.0, 0.7, 0.7), spacing)]              # scanner blur and correlated noise, as make_phantom
+    img += (noise_hu / math.sqrt(_gauss_var(sig))) * rng.standard_normal(shape, dtype=np.float32)
+    img = ndi.gaussian_filter(img, sig, truncate=3.0)
+    kk = [kinds[i % len(kinds)] for i in range(n_nodules)]
+    sites = _nodule_sites(rng, lung, np.array(spacing), kk) if sites is None else [np.round(s).astype(int) for s in sites]
+    roi_shape = tuple(max(8, math.ceil(44 / s)) for s in spacing)
+    rcfg = PhantomConfig(shape=roi_shape, spacing=spacing, size_mm=(5.0, 18.0), wall_prob=0., fissure_prob=0., vessel_trees=0.,
+                         vessel_touch_prob=0., noise_hu=noise_hu)
+    labels = np.zeros(shape, np.uint8)
+    for k, (kind, site) in enumerate(zip(kk, sites), 1):
+        _paste_nodule(img, labels, make_phantom(kind, _child_seed(seed, k), rcfg), site, k, spacing)
+    vol = CTVolume(np.clip(np.rint(img), -1024, 3071).astype(np.int16), spacing, origin,
+                   _tilted_direction() if direction is None else direction)
+    nodules = []
+    for k, kind in enumerate(kk, 1):
+        idx = np.argwhere(labels == k)
+        c = idx.mean(0) if len(idx) else np.asarray(sites[k - 1], float)
+        v = len(idx) * float(np.prod(spacing))
+        nodules.append(dict(label=k, kind=kind, centre_zyx=tuple(c.tolist()), centre_xyz=tuple(vol.voxel_to_world(c).tolist()),
+                            z_range=(int(idx[:, 0].min()), int(idx[:, 0].max())) if len(idx) else (int(c[0]),) * 2,
+                            volume_mm3=v, diameter_mm=float(np.cbrt(6 * v / np.pi))))
+    return Case(f'chest{seed}', vol, (labels > 0).astype(np.uint8),
+                dict(labels=labels, nodules=nodules, source='chest phantom', seed=int(seed)))

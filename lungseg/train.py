@@ -20,8 +20,7 @@ from .metrics import total_loss, segmentation_metrics
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'pick_device', 'seed_everything', 'get_rng_state', 'set_rng_state',
            'save_checkpoint', 'load_checkpoint', 'EpochBatchSampler', 'overlap_from_counts', 'validate', 'History',
-           'LivePlot', 'TrainingError', 'make_adam', 'fit', 'predict_case', 'predict_volume', 'evaluate_cases',
-           'model_spec', 'build_from_spec', 'load_trained']
+           'LivePlot', 'TrainingError', 'make_adam', 'fit', 'model_spec', 'build_from_spec', 'load_trained']
 
 # %% ../nbs/08_train.ipynb #6e48e27e
 @dataclass
@@ -571,87 +570,6 @@ def fit(model: nn.Module,                  # any lungseg model: batch [B,1,H,W] 
         if live is not None: live.close()
     hist.seconds = time.time() - t0
     return hist
-
-# %% ../nbs/08_train.ipynb #618f12fc
-def _roi_inplane_spacing(roi_cfg, case) -> tuple:
-    "In-plane (row, col) spacing in mm that the network was trained at, for this case."
-    sp = getattr(roi_cfg, 'spacing_mm', getattr(roi_cfg, 'spacing', None))
-    if sp is None: return tuple(float(s) for s in case.image.spacing[1:])
-    if np.ndim(sp) == 0: return (float(sp), float(sp))
-    sp = tuple(float(s) for s in sp)
-    return sp[-2:]
-
-@torch.no_grad()
-def predict_case(models,                  # a model, or a list of models (ensemble: mean of probabilities)
-                 case,                    # a `lungseg.data.Case` (image in HU)
-                 roi_cfg,                 # the `RoiConfig` the models were trained with (its in-plane spacing)
-                 *, window=(-1200, 400),  # HU window of Eq. 6 (the `SliceDataset` default)
-                 device=None,             # default: the first model's device
-                 batch_size: int = 16,
-                 amp: bool = True,
-                 c_oracle: Optional[np.ndarray] = None) -> dict: # (z,) true nodule-present labels to use as c (oracle ablation)
-    "Probabilities for every slice of `case`'s volume: {'prob': (z,y,x) float32 on the case grid, 'cls': (z,) nodule-present probability or None}."
-    import torch.nn.functional as F
-    from lungseg.data import normalize_hu
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
-    device = device or next(models[0].parameters()).device
-    hu = np.asarray(case.image.array, dtype=np.float32)
-    z, ny, nx = hu.shape
-    sy, sx = (float(s) for s in case.image.spacing[1:])
-    ty, tx = _roi_inplane_spacing(roi_cfg, case)
-    my, mx = max(1, round(ny * sy / ty)), max(1, round(nx * sx / tx))
-    mult = max(int(getattr(_unwrap(m), 'size_multiple', 16)) for m in models)
-    py, px = -my % mult, -mx % mult
-    x = torch.from_numpy(np.asarray(normalize_hu(hu, window), dtype=np.float32))[:, None]
-    if (my, mx) != (ny, nx): x = F.interpolate(x, size=(my, mx), mode='bilinear', align_corners=False)
-    x = F.pad(x, (px // 2, px - px // 2, py // 2, py - py // 2), mode='replicate')
-    probs, clss = torch.zeros(z, 1, my + py, mx + px), []
-    for m in models:
-        was = m.training; m.eval()
-        cl = []
-        for s in range(0, z, batch_size):
-            xb = x[s:s + batch_size].to(device)
-            if device.type == 'cuda': xb = xb.contiguous(memory_format=torch.channels_last)
-            hook = None
-            if c_oracle is not None:   # oracle c: the true label replaces the classifier's logit (+-30: c = 1 or 0)
-                fc = getattr(getattr(_unwrap(m), 'classifier', None), 'fc', None)
-                if fc is None: raise ValueError(f"{type(_unwrap(m)).__name__} has no classifier prior c to replace (oracle c needs the proposed model).")
-                lab = torch.as_tensor(np.asarray(c_oracle[s:s + batch_size]), dtype=torch.float32, device=device)
-                hook = fc.register_forward_hook(lambda mod, inp, o, lab=lab: (lab.view(o.shape) * 60 - 30).to(o.dtype))
-            try:
-                with _autocast(device, TrainConfig(amp=amp)): out = _to_float(m(xb))
-            finally:
-                if hook is not None: hook.remove()
-            probs[s:s + batch_size] += torch.sigmoid(out.seg).cpu() / len(models)
-            if out.cls is not None: cl.append(torch.sigmoid(out.cls).cpu())
-        m.train(was)
-        if cl: clss.append(torch.cat(cl))
-    probs = probs[:, :, py // 2: py // 2 + my, px // 2: px // 2 + mx]
-    if (my, mx) != (ny, nx): probs = F.interpolate(probs, size=(ny, nx), mode='bilinear', align_corners=False)
-    return dict(prob=probs[:, 0].numpy(), cls=torch.stack(clss).mean(0).numpy() if clss else None)
-
-def predict_volume(model,             # a model or a list of models (ensemble)
-                   case,              # a `lungseg.data.Case`
-                   roi_cfg,           # the `RoiConfig` the model was trained with
-                   threshold: float = 0.5, # probability above which a voxel is nodule
-                   **kw) -> np.ndarray:
-    "Segment every slice of `case`'s volume: a uint8 0/1 mask (z, y, x) of the volume's shape."
-    return (predict_case(model, case, roi_cfg, **kw)['prob'] > threshold).astype(np.uint8)
-
-# %% ../nbs/08_train.ipynb #f57e519f
-def evaluate_cases(model,           # a model or a list of models (ensemble)
-                   cases: list,     # `lungseg.data.Case`s with masks
-                   roi_cfg,         # the `RoiConfig` the model was trained with
-                   progress: bool = False, # progress bar over cases
-                   **kw):
-    "Per-case 3D metrics (with each volume's spacing) of `predict_volume` on every case: a DataFrame indexed by case id."
-    import pandas as pd
-    rows = []
-    for case in tqdm(cases, desc='evaluate', disable=not progress, unit='case'):
-        pred = predict_volume(model, case, roi_cfg, **kw)
-        m = segmentation_metrics(pred, np.asarray(case.mask), tuple(case.image.spacing))
-        rows.append(dict(case_id=case.case_id, **{k: float(v) for k, v in m.items()}))
-    return pd.DataFrame(rows).set_index('case_id')
 
 # %% ../nbs/08_train.ipynb #7c7f4ddb
 def model_spec(name: str,             # a `lungseg.baselines.MODEL_NAMES` entry

@@ -20,7 +20,8 @@ from .data import Case, CTVolume, RoiConfig, SliceDataset, extract_slices, holdo
 from .experiments import load_cases, case_groups
 from .metrics import segmentation_metrics
 from .std import STDExplorer
-from .train import TrainConfig, fit, predict_case, model_spec, build_from_spec, load_trained
+from .train import TrainConfig, fit, model_spec, build_from_spec, load_trained
+from .inference import predict_case
 
 # %% auto #0
 __all__ = ['LIDC_TEXTURE', 'SIZE_BINS', 'MODEL_LABELS', 'LIDC_CREDIT', 'MODEL_COLOURS', 'SORTS', 'cache_dir', 'code_fingerprint',

@@ -1,0 +1,131 @@
+"`lungseg segment` end to end on the whole-chest phantom: geometry read back with SimpleITK, accuracy, border and overlap, bad input."
+import contextlib, io, os, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+from lungseg.cli import main
+from lungseg.data import scan_id, write_dicom_series, write_volume
+from lungseg.inference import demo_segmenter
+from lungseg.metrics import segmentation_metrics
+from lungseg.phantoms import make_chest_phantom
+
+torch.set_num_threads(1)
+
+def run(*argv):
+    "Run `lungseg` in this process: (exit code, stdout, stderr)."
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    "A short cached training, the chest phantom and its nodule list."
+    d = tmp_path_factory.mktemp('segment')
+    _, _, ck = demo_segmenter('proposed', progress=False)
+    chest = make_chest_phantom(5, seed=0)
+    pts = pd.DataFrame([dict(seriesuid='chest', coordX=n['centre_xyz'][0], coordY=n['centre_xyz'][1], coordZ=n['centre_xyz'][2],
+                             diameter_mm=n['diameter_mm']) for n in chest.meta['nodules']])
+    pts.to_csv(d / 'annotations.csv', index=False)
+    return d, ck, chest
+
+@pytest.mark.parametrize('fmt', ['.nii.gz', '.nii', '.mha', '.mhd', '.nrrd', 'dicom'])
+def test_geometry_every_format(setup, fmt):
+    d, ck, chest = setup
+    scan = d / f'in{fmt.replace(".", "_")}' / ('chest' + (fmt if fmt != 'dicom' else ''))
+    if fmt == 'dicom': write_dicom_series(chest.image, scan)
+    else: write_volume(chest.image, scan)
+    csv = d / 'annotations.csv'
+    if fmt == 'dicom':   # a series folder is named by its SeriesInstanceUID
+        pd.read_csv(csv).assign(seriesuid=scan_id(scan)).to_csv(d / 'dicom.csv', index=False); csv = d / 'dicom.csv'
+    out = d / f'out{fmt.replace(".", "_")}'
+    rc, so, se = run('segment', '--checkpoint', ck, '--ct', scan, '--nodules', csv, '--out', out, '--threads', 1)
+    assert rc == 0, se
+    ref = sitk.ReadImage(str(next(scan.parent.glob('*.mhd'))) if fmt == '.mhd' else sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(scan))
+                         if fmt == 'dicom' else str(scan))
+    lab = sitk.ReadImage(str(out / 'labels.nii.gz'))
+    assert lab.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(lab.GetSpacing(), ref.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(lab.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(lab.GetDirection(), ref.GetDirection(), atol=1e-6)
+    table = pd.read_csv(out / 'nodules.csv')
+    assert table.id.tolist() == [1, 2, 3, 4, 5] and (out / 'overview.png').stat().st_size > 1000
+    assert not [p for p in d.iterdir() if p.name.startswith('.')]   # no temporary folder left
+
+def test_accuracy(setup):
+    "Dice and volume error of every nodule against its truth (a one-minute training: a floor, not a result)."
+    d, ck, chest = setup
+    write_volume(chest.image, d / 'acc_in' / 'chest.nii.gz')
+    rc, so, se = run('segment', '--checkpoint', ck, '--ct', d / 'acc_in' / 'chest.nii.gz', '--nodules', d / 'annotations.csv',
+                     '--out', d / 'acc', '--threads', 1)
+    assert rc == 0, se
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(d / 'acc' / 'labels.nii.gz')))
+    truth, table = chest.meta['labels'], pd.read_csv(d / 'acc' / 'nodules.csv').set_index('id')
+    res = pd.DataFrame([dict(kind=n['kind'], dice=segmentation_metrics(lab == n['label'], truth == n['label'], chest.image.spacing)['dice'],
+                             volume_error=table.loc[n['label'], 'volume_mm3'] / n['volume_mm3'] - 1) for n in chest.meta['nodules']])
+    print(res.round(3).to_string())
+    ok = res[res.kind != 'juxtapleural']
+    assert ok.dice.mean() > 0.4, res
+    assert (ok.volume_error.abs() < 0.9).all(), res
+    assert int(table.n_voxels.sum()) == int((lab > 0).sum())     # no voxel counted twice
+
+def test_border_and_overlap(setup):
+    "Two nodules 14 mm apart (overlapping ROIs) and one on the first slice, given as voxel indices: each keeps its own label."
+    d, ck, _ = setup
+    sites = [(20, 112, 84), (20, 128, 96), (1, 120, 232)]
+    near = make_chest_phantom(3, seed=3, kinds=('isolated', 'calcific', 'cavitary'), sites=sites)
+    write_volume(near.image, d / 'near' / 'near.mha')
+    pd.DataFrame([dict(x=n['centre_zyx'][2], y=n['centre_zyx'][1], z=n['centre_zyx'][0]) for n in near.meta['nodules']]).to_csv(d / 'near.csv', index=False)
+    rc, so, se = run('segment', '--checkpoint', ck, '--ct', d / 'near' / 'near.mha', '--nodules', d / 'near.csv', '--voxel', '--out', d / 'near_out')
+    assert rc == 0, se
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(d / 'near_out' / 'labels.nii.gz')))
+    table = pd.read_csv(d / 'near_out' / 'nodules.csv').set_index('id')
+    assert set(np.unique(lab)) <= {0, 1, 2, 3}
+    assert int(table.n_voxels.sum()) == int((lab > 0).sum())
+    for k in (1, 2, 3):
+        assert (lab == k).any(), (k, table)
+        hit = near.meta['labels'][lab == k]
+        assert (hit == k).sum() >= 0.5 * (lab == k).sum(), (k, np.unique(hit, return_counts=True))   # mostly its own nodule
+
+def test_folder_of_scans(setup):
+    d, ck, chest = setup
+    write_volume(chest.image, d / 'folder' / 'chest.nrrd'); write_volume(chest.image, d / 'folder' / 'other.nii.gz')
+    with pytest.warns(UserWarning, match='no nodule listed for seriesuid other'):
+        rc, so, se = run('segment', '--checkpoint', ck, '--ct', d / 'folder', '--nodules', d / 'annotations.csv', '--out', d / 'fold_out')
+    assert rc == 0, se
+    assert sorted(p.name for p in (d / 'fold_out').iterdir()) == ['chest', 'nodules.csv']   # 'other' has no row: skipped
+
+def test_bad_input(setup, tmp_path):
+    d, ck, chest = setup
+    scan = tmp_path / 'chest.nii.gz'; write_volume(chest.image, scan)
+    def fails(csv_text, contains, ct=scan, ckpt=ck, extra=()):
+        csv = tmp_path / 'bad.csv'; csv.write_text(csv_text)
+        rc, so, se = run('segment', '--checkpoint', ckpt, '--ct', ct, '--nodules', csv, '--out', tmp_path / 'never', *extra)
+        assert rc == 2 and contains in se, (rc, se)
+        assert not (tmp_path / 'never').exists() and not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
+    x, y, z = chest.meta['nodules'][0]['centre_xyz']
+    fails('a,b\n1,2\n', 'bad.csv: has no coordinate columns')
+    fails(f'x,y,z\n{x},{y},{z}\n{x},{y},oops\n', 'bad.csv: line 3: non-numeric')
+    fails(f'x,y,z\n{x},{y},{z}\n{x},{y},{z + 400}\n', 'bad.csv: line 3: point')
+    fails(f'seriesuid,coordX,coordY,coordZ\nchest,{x},{y},{z}\nnope,{x},{y},{z}\n', "bad.csv: line 3: seriesuid 'nope' matches no scan")
+    flat = tmp_path / 'flat.nii.gz'; sitk.WriteImage(sitk.Image(30, 30, sitk.sitkInt16), str(flat))
+    fails('x,y,z\n1,1,0\n', 'flat.nii.gz: is a 2D image', ct=flat)
+    other = tmp_path / 'other.pt'; torch.save({'weights': torch.zeros(2)}, other)
+    fails(f'x,y,z\n{x},{y},{z}\n', 'is not a lungseg checkpoint', ckpt=other)
+    (tmp_path / 'full').mkdir(); (tmp_path / 'full' / 'keep.txt').write_text('mine')
+    rc, so, se = run('segment', '--checkpoint', ck, '--ct', scan, f'--at={x},{y},{z}', '--out', tmp_path / 'full')
+    assert rc == 2 and 'not empty' in se and (tmp_path / 'full' / 'keep.txt').read_text() == 'mine'
+
+def test_console_command(setup, tmp_path):
+    "The installed console entry point runs the same command."
+    d, ck, chest = setup
+    scan = tmp_path / 'c.mha'; write_volume(chest.image, scan)
+    x, y, z = chest.meta['nodules'][2]['centre_xyz']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, '-c', 'import sys; from lungseg.cli import main; sys.exit(main())', 'segment', '--checkpoint', str(ck),
+                        '--ct', str(scan), f'--at={x},{y},{z}', '--out', str(tmp_path / 'o'), '--threads', '1'],
+                       capture_output=True, encoding='utf-8', errors='replace', env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / 'o' / 'labels.nii.gz').is_file() and 'wrote' in p.stdout
