@@ -178,7 +178,7 @@ def compare_models(models: dict,              # label -> trained lungseg model
                    source: str = '', credit: str = '',
                    threshold: float = 0.5,
                    progress: bool = True) -> Comparison:
-    "Predict every case with every model (`lungseg.train.predict_case`) and score it in 3D."
+    "Predict every case with every model (`lungseg.inference.predict_case`) and score it in 3D."
     if not models: raise ValueError("compare_models needs at least one model: a dict label -> trained model.")
     if not cases: raise ValueError("compare_models needs at least one case to show.")
     probs, cls = {}, {}
