@@ -540,7 +540,7 @@ def fit(model: nn.Module,                  # any lungseg model: batch [B,1,H,W] 
             sched.step()
             hist.records.append(_plain(rec))
             vd = rec.get('val_dice', float('nan'))
-            improved = (val_ds is None) or (math.isfinite(vd) and not (vd <= hist.best_dice))   # NaN best -> first finite wins
+            improved = (val_ds is None) or (math.isfinite(vd) and not (vd < hist.best_dice))   # NaN best -> first finite wins; a tie -> the later, more trained epoch
             if improved:
                 hist.best_epoch, hist.best_dice = epoch + 1, (vd if val_ds is not None else float('nan'))
                 hist.best_state = {k: v.detach().to('cpu', copy=True) for k, v in _unwrap(model).state_dict().items()}
