@@ -330,11 +330,8 @@ def cmd_evaluate(a) -> int:
 
 def _publish(staging: Path, out: Path):
     "Move every entry of the finished `staging` folder into `out` (replacing entries of the same name), then remove `staging`."
-    out.mkdir(parents=True, exist_ok=True)
-    for f in staging.iterdir():
-        dst = out / f.name
-        if dst.is_dir() and not dst.is_symlink(): shutil.rmtree(dst)
-        os.replace(f, dst)
+    from lungseg.data import move_entries
+    move_entries(staging, out)
     staging.rmdir()
 
 def cmd_experiment(a) -> int:

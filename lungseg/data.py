@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'CTFileError', 'CTVolume', 'volume_suffix', 'volume_stem',
-           'read_volume', 'write_volume', 'save_figure', 'write_dicom_series', 'Case', 'check_mask', 'load_case_folder',
-           'write_case_folder', 'scan_id', 'load_scans', 'lidc_dir', 'find_lidc', 'resample_volume', 'read_luna_csv',
-           'luna_to_voxel', 'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'roi_grid', 'extract_slices',
-           'normalize_hu', 'SliceDataset', 'kfold_split', 'holdout_split']
+           'read_volume', 'move_entries', 'write_volume', 'save_figure', 'write_dicom_series', 'Case', 'check_mask',
+           'load_case_folder', 'write_case_folder', 'scan_id', 'load_scans', 'lidc_dir', 'find_lidc', 'resample_volume',
+           'read_luna_csv', 'luna_to_voxel', 'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'roi_grid',
+           'extract_slices', 'normalize_hu', 'SliceDataset', 'kfold_split', 'holdout_split']
 
 # %% ../nbs/01_data.ipynb #c007
 class CTFileError(ValueError):
@@ -271,14 +271,21 @@ def read_volume(path # a volume file (.nii, .nii.gz, .mhd, .mha, .nrrd) or a fol
     return vol
 
 # %% ../nbs/01_data.ipynb #c021
+def move_entries(src:Path, dst:Path, last:str|None=None):
+    "Move every entry of folder `src` into folder `dst`, replacing entries of the same name; the entry named `last` moves last."
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir(), key=lambda f: f.name == last):
+        d = dst / f.name
+        if d.is_dir() and not d.is_symlink(): shutil.rmtree(d)
+        os.replace(f, d)
+
 def _atomic_write(path:Path, write):
     "Call `write(tmp_path)` to write into a hidden temporary folder, then move the result(s) to `path`'s folder, main file last."
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
     try:
         write(tmp / path.name)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == path.name):  # companions (.raw) first, header last
-            os.replace(f, path.parent / f.name)
+        move_entries(tmp, path.parent, last=path.name)   # companions (.raw) first, header last
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 def write_volume(vol:CTVolume, # the volume (image or mask) to write
