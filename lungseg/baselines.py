@@ -13,8 +13,9 @@ from .blocks import (SegOutput, ConvBNReLU, DoubleConv, ResidualUnit, UpBlock, S
                             ResNetBody, check_input_size, count_params)
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'UNetConfig', 'UNet', 'ResUNetConfig', 'ResUNet', 'ResUNetPPConfig', 'ResUNetPP', 'DeepLabV3PlusConfig',
-           'DeepLabV3Plus', 'model_classes', 'build_model', 'check_model_contract']
+__all__ = ['MODEL_NAMES', 'MODEL_COLOURS', 'UNetConfig', 'UNet', 'ResUNetConfig', 'ResUNet', 'ResUNetPPConfig', 'ResUNetPP',
+           'DeepLabV3PlusConfig', 'DeepLabV3Plus', 'model_classes', 'build_model', 'model_colour',
+           'check_model_contract']
 
 # %% ../nbs/06_baselines.ipynb #d62623c2
 def _check(model: nn.Module, x: Tensor):
@@ -209,6 +210,17 @@ def build_model(name: str, # one of MODEL_NAMES
     if bad := sorted(set(overrides) - names):
         raise ValueError(f"{cfg_cls.__name__} has no field(s) {bad}; valid fields: {sorted(names)}.")
     return model_cls(dataclasses.replace(cfg, **overrides))
+
+# %% ../nbs/06_baselines.ipynb #a13d8aed
+MODEL_COLOURS = dict(proposed='tab:red', unet='tab:blue', resunet='tab:green', resunetpp='tab:purple',
+                     deeplabv3plus='tab:orange', truth='lime')   # one colour per model in every figure; truth: ground-truth contours
+
+def model_colour(name: str, # a MODEL_NAMES entry, 'truth', or a display label such as 'U-Net' or 'ResUNet++'
+                ) -> str:
+    "The matplotlib colour of model `name` in every lungseg figure (grey for a name lungseg does not know)."
+    key = name.lower().replace('-', '').replace(' ', '')
+    key = {'deeplabv3+': 'deeplabv3plus', 'resunet++': 'resunetpp'}.get(key, key)
+    return MODEL_COLOURS.get(key, MODEL_COLOURS.get(key.split('(')[0].split(',')[0], 'tab:gray'))
 
 # %% ../nbs/06_baselines.ipynb #e5d6bea4
 def check_model_contract(model: nn.Module, # a lungseg model

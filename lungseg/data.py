@@ -704,6 +704,7 @@ def _empty_slices(z0:int, z1:int, depth:int, n:int) -> list:
         k += 1
     return sorted(out)
 
+# %% ../nbs/01_data.ipynb #4490717d
 def _interp_matrix(pos:np.ndarray, n:int, order:int) -> np.ndarray:
     "Weights W [len(pos), n] that sample a length-n axis at `pos` (order 0: nearest, 1: linear); rows sum to < 1 outside."
     W = np.zeros((len(pos), n), np.float32)
@@ -738,6 +739,7 @@ def roi_grid(centre_yx, # ROI centre (row, col) in continuous voxel indices of t
     off = (np.arange(S) - (S - 1) / 2) * cfg.spacing_mm   # resample: pixel centres spaced spacing_mm apart, centred on the centre
     return centre_yx[0] + off / spacing_yx[0], centre_yx[1] + off / spacing_yx[1], (cfg.spacing_mm, cfg.spacing_mm), 1
 
+# %% ../nbs/01_data.ipynb #8a7420d9
 def extract_slices(cases:list, # cases with nodule masks (e.g. from `load_case_folder`)
                    cfg:RoiConfig|None=None, # window size, pixel spacing, empty-slice ratio; default RoiConfig.small()
                    progress:bool=False # show a tqdm progress bar

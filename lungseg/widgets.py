@@ -16,6 +16,9 @@ import ipywidgets as widgets
 from IPython.display import display
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
+from fastcore.basics import patch
+from matplotlib.lines import Line2D
+from .baselines import model_colour
 from .data import Case, CTVolume, RoiConfig, SliceDataset, extract_slices, holdout_split, normalize_hu
 from .experiments import load_cases, case_groups
 from .metrics import segmentation_metrics
@@ -24,10 +27,10 @@ from .train import TrainConfig, fit, model_spec, build_from_spec, load_trained
 from .inference import predict_case
 
 # %% auto #0
-__all__ = ['LIDC_TEXTURE', 'SIZE_BINS', 'MODEL_LABELS', 'LIDC_CREDIT', 'MODEL_COLOURS', 'SORTS', 'cache_dir', 'code_fingerprint',
-           'CompareConfig', 'equivalent_diameter_mm', 'nodule_groups', 'Comparison', 'compare_models',
-           'load_comparison', 'load_or_train', 'draw_case', 'best_slice', 'CaseBrowser', 'slice_logits',
-           'model_explorer', 'figure4']
+__all__ = ['LIDC_TEXTURE', 'SIZE_BINS', 'MODEL_LABELS', 'LIDC_CREDIT', 'SORTS', 'cache_dir', 'code_fingerprint', 'CompareConfig',
+           'equivalent_diameter_mm', 'nodule_groups', 'Comparison', 'compare_models', 'load_comparison',
+           'load_or_train', 'draw_case', 'contour_legend', 'best_slice', 'CaseBrowser', 'slice_logits',
+           'model_explorer', 'figure4', 'std_effect', 'std_effect_figure']
 
 # %% ../nbs/10_compare.ipynb #c0659e15
 def cache_dir() -> Path:
@@ -278,8 +281,6 @@ def load_or_train(cfg: Optional[CompareConfig] = None, # what to compare; defaul
     return comp
 
 # %% ../nbs/10_compare.ipynb #b3e2737d
-MODEL_COLOURS = ('#ff3b3b', '#35a7ff', '#ffb000', '#d45cff', '#00d5c4', '#ff7f0e')
-
 def _fmt_mm(v: float) -> str:
     "A distance for a title: 'inf' when one mask is empty (a missed or invented nodule), 'n/a' when both are."
     return 'inf' if v == math.inf else 'n/a' if not np.isfinite(v) else f'{v:.1f} mm'
@@ -298,16 +299,23 @@ def draw_case(axs,                       # 1 + number of models matplotlib axes,
     for i, ax in enumerate(axs):
         ax.imshow(img, cmap='gray', vmin=window[0], vmax=window[1], interpolation='nearest')
         ax.set_xticks([]); ax.set_yticks([])
-        if truth.any() and not truth.all(): ax.contour(truth.astype(float), [0.5], colors='lime', linewidths=1.0)
+        if truth.any() and not truth.all(): ax.contour(truth.astype(float), [0.5], colors=model_colour('truth'), linewidths=1.0)
         if i == 0: continue
         label = comp.labels[i - 1]
         p = comp.pred(label, case_id)[z]
-        if p.any() and not p.all(): ax.contour(p.astype(float), [0.5], colors=MODEL_COLOURS[(i - 1) % len(MODEL_COLOURS)], linewidths=1.2)
+        if p.any() and not p.all(): ax.contour(p.astype(float), [0.5], colors=model_colour(label), linewidths=1.2)
         s = comp.score(case_id, label)
         titles.append(f"{label}: Dice {_fmt(s['dice'])}, HD {_fmt_mm(s['hd'])}")
-    for ax, t in zip(axs, titles): ax.set_title(t, fontsize=9)
+    for i, (ax, t) in enumerate(zip(axs, titles)):
+        ax.set_title(t, fontsize=9, color='black' if i == 0 else model_colour(comp.labels[i - 1]))
     if label_rows: axs[0].set_ylabel(f'{case_id}\nz = {z}', fontsize=8)
     return titles
+
+def contour_legend(fig: Figure, labels: Sequence[str], **kw):
+    "A figure legend naming each contour colour: the truth, then each model label."
+    handles = [Line2D([], [], color=model_colour('truth'), lw=2, label='truth (radiologists)')]
+    handles += [Line2D([], [], color=model_colour(l), lw=2, label=l) for l in labels]
+    return fig.legend(handles=handles, loc=kw.pop('loc', 'lower center'), ncol=len(handles), fontsize=kw.pop('fontsize', 8), frameon=False, **kw)
 
 def best_slice(mask: np.ndarray) -> int:
     "The slice with the largest nodule area (the middle slice of an empty mask)."
@@ -323,7 +331,7 @@ class CaseBrowser:
                  sort: str = 'hardest',       # 'hardest' (lowest mean Dice first), 'easiest', 'id' or 'largest'
                  filter: str = 'all',         # 'all', 'kind: <type>' or 'size: <group>' (see `filters`)
                  window=(-1200, 400),         # HU display window
-                 dpi: int = 80):
+                 dpi: int = 110):
         self.comp, self.window, self.dpi = comp, tuple(window), dpi
         self.table = comp.per_case()
         self.filters = ['all'] + [f'kind: {k}' for k in sorted(self.table['kind'].unique())] + \
@@ -356,79 +364,92 @@ class CaseBrowser:
         "The slice on screen."
         return self.slice_slider.value
 
-    def _reorder(self):
-        t, f = self.table, self.filter_dd.value
-        if f != 'all':
-            col, val = f.split(': ', 1)
-            t = t[t[col] == val]
-        by = self.sort_dd.value
-        if by == 'hardest': t = t.sort_values(['mean_dice', 'diameter_mm'], kind='stable')
-        elif by == 'easiest': t = t.sort_values('mean_dice', ascending=False, kind='stable')
-        elif by == 'largest': t = t.sort_values('diameter_mm', ascending=False, kind='stable')
-        else: t = t.sort_index(kind='stable')
-        self.order = list(t.index)
-        self._hold = True
-        try:
-            self.case_slider.max = max(len(self.order) - 1, 0); self.case_slider.value = 0
-        finally: self._hold = False
-
-    # ---- callbacks (call them from Python too) -----------------------------------------------------------
-    def on_sort(self, change=None):
-        "Re-sort the cases (sort dropdown) and show the first."
-        self._reorder(); self.on_case()
-    def on_filter(self, change=None):
-        "Keep only the cases of the chosen group (filter dropdown) and show the first."
-        self._reorder(); self.on_case()
-    def on_case(self, change=None):
-        "A new case: the slice slider spans its volume and starts at the largest nodule slice."
-        if self._hold: return
-        c = self.comp.case(self.case_id)
-        self._hold = True
-        try:
-            self.slice_slider.max = len(c.mask) - 1
-            self.slice_slider.value = best_slice(c.mask)
-        finally: self._hold = False
-        self.draw()
-    def on_slice(self, change=None):
-        "A new slice of the same case."
-        if self._hold: return
-        self.draw()
-
-    def show(self, case_id: Optional[str] = None, z: Optional[int] = None):
-        "Go to a case (by id; it must pass the current filter) and optionally a slice."
-        if case_id is not None:
-            if case_id not in self.order: raise ValueError(f"case {case_id!r} is not among the {len(self.order)} cases shown (filter {self.filter_dd.value!r})")
-            self.case_slider.value = self.order.index(case_id)
-        if z is not None:
-            if not 0 <= z <= self.slice_slider.max: raise ValueError(f"slice {z} is outside 0..{self.slice_slider.max}")
-            self.slice_slider.value = z
-        return self
-
-    def figure(self) -> Figure:
-        "The current view as a matplotlib Figure (not shown; `draw` renders it)."
-        n = 1 + len(self.comp.labels)
-        fig = Figure(figsize=(2.9 * n, 3.25), dpi=self.dpi)
-        axs = fig.subplots(1, n, squeeze=False)[0]
-        self.titles = draw_case(axs, self.comp, self.case_id, self.z, self.window)
-        g = self.table.loc[self.case_id]
-        fig.suptitle(f"{self.case_id}  ·  {g['kind']}, {g['diameter_mm']:.0f} mm  ·  slice {self.z} of {self.slice_slider.max}", fontsize=10)
-        if self.comp.credit: fig.text(0.5, 0.01, self.comp.credit, ha='center', fontsize=6.5, color='grey')
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        return fig
-
-    def draw(self):
-        "Render the current case and slice into the image widget."
-        buf = io.BytesIO()
-        self.figure().savefig(buf, format='png')
-        self.png = buf.getvalue(); self.view.value = self.png; self.n_draws += 1
-        i, n = self.case_slider.value, len(self.order)
-        row = self.table.loc[self.case_id]
-        dice = ', '.join(f'{l} {_fmt(row[l])}' for l in self.comp.labels)
-        self.label.value = (f"<b>{self.case_id}</b> ({i + 1} of {n}, {self.sort_dd.label}, {self.filter_dd.value}), "
-                            f"<span class='lungseg-shown-slice'>slice {self.z}</span> &nbsp; 3D Dice: {dice} &nbsp; "
-                            f"<span style='color:#2a2'>green: truth</span>")
-
     def _ipython_display_(self): display(self.widget)
+
+# %% ../nbs/10_compare.ipynb #c2a036ef
+@patch
+def _reorder(self: CaseBrowser):
+    "Apply the filter, then the sort, to `order`; put the case slider on the first case."
+    t, f = self.table, self.filter_dd.value
+    if f != 'all':
+        col, val = f.split(': ', 1)
+        t = t[t[col] == val]
+    by = self.sort_dd.value
+    if by == 'hardest': t = t.sort_values(['mean_dice', 'diameter_mm'], kind='stable')
+    elif by == 'easiest': t = t.sort_values('mean_dice', ascending=False, kind='stable')
+    elif by == 'largest': t = t.sort_values('diameter_mm', ascending=False, kind='stable')
+    else: t = t.sort_index(kind='stable')
+    self.order = list(t.index)
+    self._hold = True
+    try:
+        self.case_slider.max = max(len(self.order) - 1, 0); self.case_slider.value = 0
+    finally: self._hold = False
+
+# %% ../nbs/10_compare.ipynb #3daa8067
+@patch
+def on_sort(self: CaseBrowser, change=None):
+    "Re-sort the cases (sort dropdown) and show the first."
+    self._reorder(); self.on_case()
+@patch
+def on_filter(self: CaseBrowser, change=None):
+    "Keep only the cases of the chosen group (filter dropdown) and show the first."
+    self._reorder(); self.on_case()
+@patch
+def on_case(self: CaseBrowser, change=None):
+    "A new case: the slice slider spans its volume and starts at the largest nodule slice."
+    if self._hold: return
+    c = self.comp.case(self.case_id)
+    self._hold = True
+    try:
+        self.slice_slider.max = len(c.mask) - 1
+        self.slice_slider.value = best_slice(c.mask)
+    finally: self._hold = False
+    self.draw()
+@patch
+def on_slice(self: CaseBrowser, change=None):
+    "A new slice of the same case."
+    if self._hold: return
+    self.draw()
+
+# %% ../nbs/10_compare.ipynb #2bac845e
+@patch
+def show(self: CaseBrowser, case_id: Optional[str] = None, z: Optional[int] = None):
+    "Go to a case (by id; it must pass the current filter) and optionally a slice."
+    if case_id is not None:
+        if case_id not in self.order: raise ValueError(f"case {case_id!r} is not among the {len(self.order)} cases shown (filter {self.filter_dd.value!r})")
+        self.case_slider.value = self.order.index(case_id)
+    if z is not None:
+        if not 0 <= z <= self.slice_slider.max: raise ValueError(f"slice {z} is outside 0..{self.slice_slider.max}")
+        self.slice_slider.value = z
+    return self
+
+# %% ../nbs/10_compare.ipynb #0ced9def
+@patch
+def figure(self: CaseBrowser) -> Figure:
+    "The current view as a matplotlib Figure (not shown; `draw` renders it)."
+    n = 1 + len(self.comp.labels)
+    fig = Figure(figsize=(2.9 * n, 3.55), dpi=self.dpi)
+    axs = fig.subplots(1, n, squeeze=False)[0]
+    self.titles = draw_case(axs, self.comp, self.case_id, self.z, self.window)
+    g = self.table.loc[self.case_id]
+    fig.suptitle(f"{self.case_id}  ·  {g['kind']}, {g['diameter_mm']:.0f} mm  ·  slice {self.z} of {self.slice_slider.max}", fontsize=10)
+    if self.comp.credit: fig.text(0.5, 0.01, self.comp.credit, ha='center', fontsize=6.5, color='grey')
+    contour_legend(fig, self.comp.labels, bbox_to_anchor=(0.5, 0.035))
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    return fig
+
+@patch
+def draw(self: CaseBrowser):
+    "Render the current case and slice into the image widget."
+    buf = io.BytesIO()
+    self.figure().savefig(buf, format='png')
+    self.png = buf.getvalue(); self.view.value = self.png; self.n_draws += 1
+    i, n = self.case_slider.value, len(self.order)
+    row = self.table.loc[self.case_id]
+    dice = ', '.join(f'{l} {_fmt(row[l])}' for l in self.comp.labels)
+    self.label.value = (f"<b>{self.case_id}</b> ({i + 1} of {n}, {self.sort_dd.label}, {self.filter_dd.value}), "
+                        f"<span class='lungseg-shown-slice'>slice {self.z}</span> &nbsp; 3D Dice: {dice} &nbsp; "
+                        f"<span style='color:#2a2'>lime: truth</span>")
 
 # %% ../nbs/10_compare.ipynb #acc6a198
 @torch.no_grad()
@@ -505,7 +526,66 @@ def figure4(comp: Comparison,
     axs = fig.subplots(len(case_ids), ncol, squeeze=False)
     for r, cid in enumerate(case_ids):
         draw_case(axs[r], comp, cid, best_slice(comp.case(cid).mask), window, label_rows=True)
-    fig.suptitle(f'Held-out cases, hardest first: {comp.source}. Green: truth.', fontsize=10)
-    if comp.credit: fig.text(0.5, 0.005, comp.credit, ha='center', fontsize=7, color='grey')
-    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
+    fig.suptitle(f'Held-out cases, hardest first: {comp.source}', fontsize=10)
+    contour_legend(fig, comp.labels, bbox_to_anchor=(0.5, 0.012))
+    if comp.credit: fig.text(0.5, 0.002, comp.credit, ha='center', fontsize=7, color='grey')
+    fig.tight_layout(rect=(0, 0.045, 1, 0.97))
+    return fig
+
+# %% ../nbs/10_compare.ipynb #0d24b79a
+def std_effect(comp: Comparison,
+               model: Optional[str] = None,   # label of a model with an STD head; default: the first one
+               progress: bool = False) -> pd.DataFrame:
+    "Per-case 3D Dice and HD of `model` with its STD head (as trained) and without it (a plain sigmoid of the same logits)."
+    model = model or next((l for l in comp.labels if getattr(comp.models[l], 'std_head', None) is not None), None)
+    if model is None or getattr(comp.models[model], 'std_head', None) is None:
+        raise ValueError(f"std_effect needs a model with an STD head (the proposed model); the models are {comp.labels}")
+    m, rows = comp.models[model], []
+    for c in tqdm(comp.cases, desc='without STD', unit='case', disable=not progress):
+        m.std_enabled = False
+        try: plain = predict_case(m, c, comp.roi)['prob'] > comp.threshold
+        finally: m.std_enabled = True
+        s = comp.score(c.case_id, model)
+        p = segmentation_metrics(plain.astype(np.uint8), np.asarray(c.mask), tuple(c.image.spacing))
+        rows.append(dict(case_id=c.case_id, dice_std=s['dice'], dice_plain=float(p['dice']), hd_std=s['hd'], hd_plain=float(p['hd'])))
+    t = pd.DataFrame(rows).set_index('case_id')
+    t.attrs['model'] = model
+    return t.assign(gain=t.dice_std - t.dice_plain)
+
+# %% ../nbs/10_compare.ipynb #239ccbba
+def std_effect_figure(comp: Comparison,
+                      effect: Optional[pd.DataFrame] = None,    # `std_effect(comp)`; computed when not given
+                      case_ids: Optional[Sequence[str]] = None, # rows; default: most helped, least helped
+                      window=(-1200, 400), dpi: int = 110) -> Figure:
+    "Rows of cases; columns CT + truth, the model without STD, with STD (3D Dice and HD in each title, c on the slice)."
+    effect = std_effect(comp) if effect is None else effect
+    model = effect.attrs.get('model', 'Proposed')
+    rows = ('STD helps most', 'STD helps least') if case_ids is None else ('', '')
+    if case_ids is None:
+        g = effect['gain'].dropna().sort_values(kind='stable')
+        case_ids = [g.index[-1], g.index[0]] if len(g) > 1 else list(g.index[:1]) or comp.case_ids[:1]
+    m = comp.models[model]
+    fig = Figure(figsize=(8.4, 2.9 * len(case_ids) + 0.55), dpi=dpi)
+    axs = fig.subplots(len(case_ids), 3, squeeze=False)
+    for r, cid in enumerate(case_ids):
+        c, e = comp.case(cid), effect.loc[cid]
+        z = best_slice(c.mask)
+        m.std_enabled = False
+        try: plain = predict_case(m, c, comp.roi)['prob'][z] > comp.threshold
+        finally: m.std_enabled = True
+        cz = comp.cls[model][cid]
+        panels = [(None, 'CT + truth'), (plain, f"no STD: Dice {_fmt(e.dice_plain)}, HD {_fmt_mm(e.hd_plain)}"),
+                  (comp.pred(model, cid)[z] > 0, f"STD + prior: Dice {_fmt(e.dice_std)}, HD {_fmt_mm(e.hd_std)}")]
+        for ax, (pred, title) in zip(axs[r], panels):
+            ax.imshow(np.asarray(c.image.array[z], np.float32), cmap='gray', vmin=window[0], vmax=window[1], interpolation='nearest')
+            ax.set_xticks([]); ax.set_yticks([]); ax.set_title(title, fontsize=8.5)
+            if c.mask[z].any(): ax.contour(np.asarray(c.mask[z], float), [0.5], colors=model_colour('truth'), linewidths=1.0)
+            if pred is not None and pred.any() and not pred.all(): ax.contour(pred.astype(float), [0.5], colors=model_colour(model), linewidths=1.2)
+        axs[r][0].set_ylabel(f"{cid}\n{rows[min(r, 1)] if r < 2 else ''}".strip(), fontsize=8)
+        if cz is not None: axs[r][2].text(2, 4, f'c = {float(cz[z]):.2f}', color='white', fontsize=8, va='top',
+                                           bbox=dict(facecolor='black', alpha=0.5, lw=0))
+    fig.suptitle(f'{model}: the same logits without and with STD + size prior ({comp.source})', fontsize=9.5)
+    contour_legend(fig, [model], bbox_to_anchor=(0.5, 0.012))
+    if comp.credit: fig.text(0.5, 0.002, comp.credit, ha='center', fontsize=7, color='grey')
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return fig
