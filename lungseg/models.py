@@ -281,8 +281,9 @@ def block_table(model: ProposedModel, # the model to describe
 def plot_architecture(model: ProposedModel, # the model to draw
                       size: int=128, # input size used for the shapes
                       ax=None):
-    "Draw the model like Figure 2: classifier (orange), segmenter (blue), combination arrows (green), STD."
+    "Draw the model like Figure 2: classifier (orange), segmenter (blue), combination arrows (green), STD; a legend names the arrow styles."
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     t = block_table(model, size)
     ax = ax or plt.subplots(figsize=(10, 6.5))[1]
     pos = {f'C{i}': (0, -i) for i in range(1, 6)}; pos['FC'] = (0, -6.2)
@@ -306,9 +307,15 @@ def plot_architecture(model: ProposedModel, # the model to draw
     if model.std_head is not None: arrow((4.4, 1.5), (4.4, 2.1))
     if model.combination is not None:
         for s, c in COMBINATION_PAIRS.items(): arrow((0.8, -c), (1.4, -s + 1), color='green', lw=2)
-    if model.std_head is not None:
-        ax.annotate('c = sigmoid(logit)\n(detached)', xy=(3.6, 2.4), xytext=(0.2, -7.2), fontsize=8, color='darkred',
-                    arrowprops=dict(arrowstyle='->', color='darkred', ls='--', connectionstyle='arc3,rad=-0.3'))
+    styles = [('->', dict(color='k'), 'data flow'), (':', dict(ls=':', color='gray'), 'skip connection (concatenated)')]
+    if model.combination is not None: styles.append(('->', dict(color='green', lw=2), 'feature combination (same size)'))
+    if model.std_head is not None:       # c runs below and right of the segmenter, clear of every block
+        ax.plot([0.8, 5.6, 5.6], [-6.2, -6.2, 2.4], color='darkred', ls='--', lw=1.2)
+        arrow((5.6, 2.4), (5.2, 2.4), color='darkred', ls='--', lw=1.2)
+        ax.text(3.2, -6.1, 'c = sigmoid(logit), detached', ha='center', va='bottom', fontsize=8, color='darkred')
+        styles.append(('--', dict(ls='--', color='darkred'), 'classifier probability c into STD'))
+    ax.legend(handles=[Line2D([], [], lw=kw.pop('lw', 1.2), marker='>' if m == '->' else None, ms=5, **{'ls': '-', **kw}, label=lab)
+                       for m, kw, lab in styles], loc='upper left', fontsize=8, title='arrows', title_fontsize=8, frameon=True)
     ax.text(0, 0.9, 'ResNet-50 classifier', ha='center', weight='bold'); ax.text(3.3, 3.3, 'modified ResU-Net + STD', ha='center', weight='bold')
-    ax.set_xlim(-1.2, 5.6); ax.set_ylim(-7.8, 3.7); ax.axis('off')
+    ax.set_xlim(-1.2, 5.9); ax.set_ylim(-7.0, 3.7); ax.axis('off')
     return ax

@@ -4,21 +4,20 @@
 
 # %% ../nbs/03_std.ipynb #std001
 from __future__ import annotations
-import math
+import math, inspect
 from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import matplotlib.pyplot as plt
-import ipywidgets as widgets
-from IPython.display import display, clear_output
+from fastcore.meta import delegates
+from fastcore.basics import patch
 from scipy import ndimage
 
 # %% auto #0
-__all__ = ['neg_entropy', 'gaussian_kernel1d', 'kernel_dtft', 'zero_padded_matrix', 'std_kernel1d', 'std_blur', 'std_term',
-           'std_energy', 'std_logits', 'std_sigmoid', 'std_iterates', 'std_logits_reference', 'noisy_logits',
-           'STDSigmoid', 'STDExplorer']
+__all__ = ['STD_PARAMS', 'neg_entropy', 'gaussian_kernel1d', 'kernel_dtft', 'zero_padded_matrix', 'std_kernel1d', 'std_blur',
+           'std_term', 'std_energy', 'std_logits', 'std_sigmoid', 'std_iterates', 'std_logits_reference',
+           'noisy_logits', 'STDSigmoid', 'STDExplorer']
 
 # %% ../nbs/03_std.ipynb #std009
 def neg_entropy(x: torch.Tensor) -> torch.Tensor:
@@ -215,32 +214,50 @@ def _std_run(u, c, eps, lam1, lam2, sigma, n_iter, truncate, keep: bool):
     return z, xs
 
 # %% ../nbs/03_std.ipynb #std042
-def std_logits(u: torch.Tensor,  # network logits [B, C, H, W] (C = 1 for nodules)
-               c=None,           # classifier nodule probability per sample ([B] or [B, 1]); None: no prior
+def std_logits(u: torch.Tensor,   # network logits [B, C, H, W] (C = 1 for nodules)
+               c=None,            # classifier nodule probability per sample ([B] or [B, 1]); None: no prior
                *,
-               eps=1.,           # entropy temperature (> 0); number or 0-d tensor
-               lam1=1.,          # STD (boundary length) weight, >= 0 for the monotone guarantee
-               lam2=1.,          # size-prior weight
-               sigma=1.,         # std of the STD kernel in pixels
-               n_iter: int = 10, # iterations; 0 returns u / eps
-               truncate: float = 4.) -> torch.Tensor:
+               eps=1.,            # entropy temperature (> 0); number or 0-d tensor
+               lam1=1.,           # STD (boundary length) weight, >= 0 for the monotone guarantee
+               lam2=1.,           # size-prior weight
+               sigma=1.,          # std of the STD kernel in pixels
+               n_iter: int = 10,  # iterations; 0 returns u / eps
+               truncate: float = 4.  # h is cut at truncate * sigma / sqrt(2)
+              ) -> torch.Tensor:
     "Logits of the final STD iterate: the argument of its last sigmoid, for BCE-with-logits losses."
     return _std_run(u, c, eps, lam1, lam2, sigma, n_iter, truncate, keep=False)[0]
 
-def std_sigmoid(u: torch.Tensor, c=None, *, eps=1., lam1=1., lam2=1., sigma=1., n_iter: int = 10,
-                truncate: float = 4.) -> torch.Tensor:
-    "The STD sigmoid (Eq. 5 as derived): probabilities after `n_iter` majorise-minimise steps on the energy of Eq. 4."
-    return torch.sigmoid(std_logits(u, c, eps=eps, lam1=lam1, lam2=lam2, sigma=sigma, n_iter=n_iter, truncate=truncate))
+STD_PARAMS = tuple(k for k, p in inspect.signature(std_logits).parameters.items() if p.kind == p.KEYWORD_ONLY)
 
-def std_iterates(u: torch.Tensor, c=None, *, eps=1., lam1=1., lam2=1., sigma=1., n_iter: int = 10,
-                 truncate: float = 4.) -> list:
+def _std_args(u, c, kwargs: dict) -> dict:
+    "`u`, `c` and `kwargs` bound to `std_logits`'s signature, defaults filled in: the one place the STD parameters are written."
+    b = inspect.signature(std_logits).bind(u, c, **kwargs)
+    b.apply_defaults()
+    return b.arguments
+
+# %% ../nbs/03_std.ipynb #440db6f3
+@delegates(std_logits)
+def std_sigmoid(u: torch.Tensor, # network logits [B, C, H, W]
+                c=None,          # classifier nodule probability per sample; None: no prior
+                **kwargs) -> torch.Tensor:
+    "The STD sigmoid (Eq. 5 as derived): probabilities after `n_iter` majorise-minimise steps on the energy of Eq. 4."
+    return torch.sigmoid(std_logits(u, c, **kwargs))
+
+@delegates(std_logits)
+def std_iterates(u: torch.Tensor, # network logits [B, C, H, W]
+                 c=None,          # classifier nodule probability per sample; None: no prior
+                 **kwargs) -> list:
     "All iterates $x^0, \\dots, x^{n}$ of the STD sigmoid (for plots and energy checks)."
-    return _std_run(u, c, eps, lam1, lam2, sigma, n_iter, truncate, keep=True)[1]
+    return _std_run(**_std_args(u, c, kwargs), keep=True)[1]
 
 # %% ../nbs/03_std.ipynb #std044a
-def std_logits_reference(u: torch.Tensor, c=None, *, eps=1., lam1=1., lam2=1., sigma=1., n_iter: int = 10,
-                         truncate: float = 4.) -> torch.Tensor:
+@delegates(std_logits)
+def std_logits_reference(u: torch.Tensor, # network logits [B, C, H, W]
+                         c=None,          # classifier nodule probability per sample; None: no prior
+                         **kwargs) -> torch.Tensor:
     "The boxed update of Eq. 5 written out term by term: the slow reference `std_logits` is tested and timed against."
+    a = _std_args(u, c, kwargs)
+    eps, lam1, lam2, sigma, n_iter, truncate = (a[k] for k in STD_PARAMS)
     cc = 1. if c is None else _prior(c, u)
     lam2 = 0. if c is None else lam2
     z = u / eps
@@ -316,7 +333,7 @@ class STDSigmoid(nn.Module):
         return (f"eps={self.eps.item():.3g}, sigma={self.sigma.item():.3g}, lam1={self.lam1:g}, "
                 f"lam2={self.lam2.item():.3g}{'' if self.use_prior else ' (fixed)'}, n_iter={self.n_iter}")
 
-# %% ../nbs/03_std.ipynb #std073
+# %% ../nbs/03_std.ipynb #730884f7
 class STDExplorer:
     "Sliders over eps, lam1, lam2, sigma, iterations and c on one slice: plain sigmoid vs STD, contours on the CT, energy per iteration, area vs c."
     names = ('eps', 'lam1', 'lam2', 'sigma', 'n_iter', 'c')
@@ -327,7 +344,7 @@ class STDExplorer:
                  mask=None,                         # optional true 0/1 mask [H, W], drawn in green and scored
                  spacing: Sequence[float] = (1., 1.),  # (row, col) pixel size in mm, for areas
                  window: Sequence[float] = (-1200., 400.),  # HU display window
-                 eps: float = 1., lam1: float = 1., lam2: float = 1., sigma: float = 1., n_iter: int = 10,
+                 eps: float = 1., lam1: float = 1., lam2: float = 1., sigma: float = 1., n_iter: int = 10,  # starting values of the STD sliders
                  n_c: int = 21,                     # points on the area-vs-c curve
                  title: str = '',                   # figure title (e.g. the case id)
                  credit: str = '',                  # data credit printed under the figure
@@ -342,94 +359,159 @@ class STDExplorer:
         self.u = torch.tensor(lg)[None, None]
         self.px_area = float(spacing[0]) * float(spacing[1])
         self.window, self.n_c, self.title, self.credit, self.draw = tuple(window), int(n_c), title, credit, draw
-        kw = dict(continuous_update=False, style={'description_width': '45px'}, layout=widgets.Layout(width='300px'))
-        self.sliders = dict(
-            eps=widgets.FloatLogSlider(value=eps, base=10, min=-2, max=1, step=0.05, description='ε', **kw),
-            lam1=widgets.FloatSlider(value=lam1, min=0, max=5, step=0.1, description='λ₁', **kw),
-            lam2=widgets.FloatSlider(value=lam2, min=0, max=10, step=0.1, description='λ₂', **kw),
-            sigma=widgets.FloatSlider(value=sigma, min=0.3, max=6, step=0.1, description='σ (px)', **kw),
-            n_iter=widgets.IntSlider(value=n_iter, min=0, max=40, description='iters', **kw),
-            c=widgets.FloatSlider(value=c, min=0, max=1, step=0.01, description='c', **kw))
-        for s in self.sliders.values(): s.observe(self.update, names='value')
-        self.out = widgets.Output()
-        s = self.sliders
-        self.widget = widgets.VBox([widgets.HBox([s['eps'], s['lam1'], s['lam2']]),
-                                    widgets.HBox([s['sigma'], s['n_iter'], s['c']]), self.out])
         self._hold, self.state, self.n_draws = False, {}, 0
+        self._build_widgets(eps=eps, lam1=lam1, lam2=lam2, sigma=sigma, n_iter=n_iter, c=c)
+        self.energy_lim = self.energy_range()
         self.update()
 
-    @property
-    def params(self) -> dict:
-        "Current slider values."
-        return {k: s.value for k, s in self.sliders.items()}
+# %% ../nbs/03_std.ipynb #99cdec03
+@patch
+def _build_widgets(self: STDExplorer, eps, lam1, lam2, sigma, n_iter, c):
+    "The six sliders (`self.sliders`, keyed by `names`), their callbacks and the layout `self.widget`."
+    import ipywidgets as widgets
+    kw = dict(continuous_update=False, style={'description_width': '45px'}, layout=widgets.Layout(width='300px'))
+    self.sliders = dict(
+        eps=widgets.FloatLogSlider(value=eps, base=10, min=-2, max=1, step=0.05, description='ε', **kw),
+        lam1=widgets.FloatSlider(value=lam1, min=0, max=5, step=0.1, description='λ₁', **kw),
+        lam2=widgets.FloatSlider(value=lam2, min=0, max=10, step=0.1, description='λ₂', **kw),
+        sigma=widgets.FloatSlider(value=sigma, min=0.3, max=6, step=0.1, description='σ (px)', **kw),
+        n_iter=widgets.IntSlider(value=n_iter, min=0, max=40, description='iters', **kw),
+        c=widgets.FloatSlider(value=c, min=0, max=1, step=0.01, description='c', **kw))
+    for s in self.sliders.values(): s.observe(self.update, names='value')
+    self.out = widgets.Output()
+    s = self.sliders
+    self.widget = widgets.VBox([widgets.HBox([s['eps'], s['lam1'], s['lam2']]),
+                                widgets.HBox([s['sigma'], s['n_iter'], s['c']]), self.out])
 
-    def set(self, **params):
-        "Move sliders from Python (one recompute for all of them); values must lie in the slider's range."
-        for k, v in params.items():
-            if k not in self.sliders: raise ValueError(f"unknown parameter {k!r}; the sliders are {list(self.sliders)}")
-            s = self.sliders[k]
-            if not s.min <= (math.log10(v) if isinstance(s, widgets.FloatLogSlider) and v > 0 else v) <= s.max:
-                lo, hi = (10**s.min, 10**s.max) if isinstance(s, widgets.FloatLogSlider) else (s.min, s.max)
-                raise ValueError(f"{k}={v} is outside the slider's range [{lo:g}, {hi:g}]")
-        self._hold = True
-        try:
-            for k, v in params.items(): self.sliders[k].value = v
-        finally: self._hold = False
-        self.update()
-        return self
+@patch
+def _slider_range(self: STDExplorer, k: str) -> tuple:
+    "The (lowest, highest) value slider `k` can take (a log slider's exponents turned into values)."
+    import ipywidgets as widgets
+    s = self.sliders[k]
+    return (10**s.min, 10**s.max) if isinstance(s, widgets.FloatLogSlider) else (s.min, s.max)
 
-    def compute(self, **params) -> dict:
-        "Everything the figure shows, for the given (default: current) parameters."
-        p = {**self.params, **params}
-        kw = dict(eps=p['eps'], lam1=p['lam1'], lam2=p['lam2'], sigma=p['sigma'])
-        c = torch.tensor([float(p['c'])], dtype=torch.float64)
-        xs = std_iterates(self.u, c, n_iter=int(p['n_iter']), **kw)
-        energies = torch.cat([std_energy(x, self.u, c, **kw) for x in xs]).numpy()
-        plain, std = torch.sigmoid(self.u)[0, 0].numpy(), xs[-1][0, 0].numpy()
-        c_grid = torch.linspace(0, 1, self.n_c, dtype=torch.float64)
-        x_c = std_sigmoid(self.u.expand(self.n_c, -1, -1, -1), c_grid, n_iter=int(p['n_iter']), **kw)
-        st = dict(params=p, plain=plain, std=std, energies=energies,
-                  area_mm2=float((std > 0.5).sum()) * self.px_area, plain_area_mm2=float((plain > 0.5).sum()) * self.px_area,
-                  c_grid=c_grid.numpy(), area_curve_mm2=(x_c > 0.5).flatten(1).sum(1).numpy() * self.px_area)
-        if self.mask is not None:
-            dice = lambda a: 2 * (a & self.mask).sum() / max(a.sum() + self.mask.sum(), 1)
-            st.update(mask_area_mm2=float(self.mask.sum()) * self.px_area, dice_plain=float(dice(plain > 0.5)), dice_std=float(dice(std > 0.5)))
-        return st
+# %% ../nbs/03_std.ipynb #7e9c04fa
+@patch(as_prop=True)
+def params(self: STDExplorer) -> dict:
+    "Current slider values."
+    return {k: s.value for k, s in self.sliders.items()}
 
-    def update(self, change=None):
-        "Recompute the state from the sliders and redraw (the sliders' callback)."
-        if self._hold: return
-        self.state = self.compute()
-        if self.draw:
-            with self.out:
-                clear_output(wait=True)
-                fig = self.plot(); display(fig); plt.close(fig)
-            self.n_draws += 1
+@patch
+def set(self: STDExplorer, **params):
+    "Move sliders from Python (one recompute for all of them); values must lie in the slider's range."
+    for k, v in params.items():
+        if k not in self.sliders: raise ValueError(f"unknown parameter {k!r}; the sliders are {list(self.sliders)}")
+        lo, hi = self._slider_range(k)
+        if not lo <= v <= hi: raise ValueError(f"{k}={v} is outside the slider's range [{lo:g}, {hi:g}]")
+    self._hold = True
+    try:
+        for k, v in params.items(): self.sliders[k].value = v
+    finally: self._hold = False
+    self.update()
+    return self
 
-    def plot(self) -> plt.Figure:
-        "The explorer's figure for the current state."
-        st, p = self.state, self.state['params']
-        fig, ax = plt.subplots(2, 3, figsize=(12, 7.6))
-        ax[0, 0].imshow(self.image, cmap='gray', vmin=self.window[0], vmax=self.window[1])
-        for im, col, ls in ((st['plain'], 'orange', '--'), (st['std'], 'cyan', '-')):
-            if im.min() < 0.5 < im.max(): ax[0, 0].contour(im, [0.5], colors=col, linestyles=ls, linewidths=1.2)
-        if self.mask is not None: ax[0, 0].contour(self.mask.astype(float), [0.5], colors='lime', linewidths=0.8)
-        ax[0, 0].set_title('x = 0.5: plain (orange --), STD (cyan)' + (',\ntruth (green)' if self.mask is not None else ''), fontsize=9)
-        for a, im, t in ((ax[0, 1], st['plain'], 'plain sigmoid Sig(u)'), (ax[0, 2], st['std'], f"STD sigmoid, {p['n_iter']} iterations")):
-            a.imshow(im, vmin=0, vmax=1, cmap='magma'); a.set_title(t, fontsize=10)
-        ax[1, 0].imshow(st['std'] - st['plain'], vmin=-1, vmax=1, cmap='RdBu_r'); ax[1, 0].set_title('STD − plain (red: added, blue: removed)', fontsize=9)
-        for a in (ax[0, 0], ax[0, 1], ax[0, 2], ax[1, 0]): a.axis('off')
-        ax[1, 1].plot(st['energies'], 'o-', ms=3); ax[1, 1].set(xlabel='iteration t', title='energy of Eq. 4')
-        ax[1, 2].plot(st['c_grid'], st['area_curve_mm2'], '-', label='STD')
-        ax[1, 2].plot([p['c']], [st['area_mm2']], 'o', color='cyan', mec='k', label='current c')
-        ax[1, 2].axhline(st['plain_area_mm2'], color='orange', ls='--', label='plain sigmoid')
-        if self.mask is not None: ax[1, 2].axhline(st['mask_area_mm2'], color='green', ls=':', label='truth')
-        ax[1, 2].set(xlabel='classifier confidence c', ylabel='area of x > 0.5 (mm²)', title='predicted area as c moves'); ax[1, 2].legend(fontsize=8)
-        head = f"ε={p['eps']:.3g}  λ₁={p['lam1']:.3g}  λ₂={p['lam2']:.3g}  σ={p['sigma']:.3g}  c={p['c']:.2f}"
-        if 'dice_std' in st: head += f"   Dice plain {st['dice_plain']:.3f} → STD {st['dice_std']:.3f}"
-        fig.suptitle((self.title + '   ' if self.title else '') + head, fontsize=11)
-        if self.credit: fig.text(0.5, 0.005, self.credit, ha='center', fontsize=7, color='grey')
-        fig.tight_layout(rect=(0, 0.02, 1, 1))
-        return fig
+# %% ../nbs/03_std.ipynb #8dfd9f67
+@patch
+def _iterates(self: STDExplorer, p: dict) -> tuple:
+    "The STD iterates x^0..x^n on the slice for parameters `p`, and the energy of Eq. 4 at each."
+    kw = dict(eps=p['eps'], lam1=p['lam1'], lam2=p['lam2'], sigma=p['sigma'])
+    c = torch.tensor([float(p['c'])], dtype=torch.float64)
+    xs = std_iterates(self.u, c, n_iter=int(p['n_iter']), **kw)
+    return xs, torch.cat([std_energy(x, self.u, c, **kw) for x in xs]).numpy()
 
-    def _ipython_display_(self): display(self.widget)
+@patch
+def compute(self: STDExplorer, **params) -> dict:
+    "Everything the figure shows, for the given (default: current) parameters."
+    p = {**self.params, **params}
+    xs, energies = self._iterates(p)
+    plain, std = torch.sigmoid(self.u)[0, 0].numpy(), xs[-1][0, 0].numpy()
+    c_grid = torch.linspace(0, 1, self.n_c, dtype=torch.float64)
+    x_c = std_sigmoid(self.u.expand(self.n_c, -1, -1, -1), c_grid, n_iter=int(p['n_iter']),
+                      eps=p['eps'], lam1=p['lam1'], lam2=p['lam2'], sigma=p['sigma'])
+    st = dict(params=p, plain=plain, std=std, energies=energies,
+              area_mm2=float((std > 0.5).sum()) * self.px_area, plain_area_mm2=float((plain > 0.5).sum()) * self.px_area,
+              c_grid=c_grid.numpy(), area_curve_mm2=(x_c > 0.5).flatten(1).sum(1).numpy() * self.px_area)
+    if self.mask is not None:
+        dice = lambda a: 2 * (a & self.mask).sum() / max(a.sum() + self.mask.sum(), 1)
+        st.update(mask_area_mm2=float(self.mask.sum()) * self.px_area, dice_plain=float(dice(plain > 0.5)), dice_std=float(dice(std > 0.5)))
+    return st
+
+# %% ../nbs/03_std.ipynb #70584299
+@patch
+def energy_range(self: STDExplorer) -> tuple:
+    "Fixed (low, high) limits of the energy axis: all iterates at the starting values, c at both ends, padded by 5%."
+    p0 = {**self.params, 'n_iter': self.sliders['n_iter'].max}
+    e = np.concatenate([self._iterates({**p0, 'c': c})[1] for c in (p0['c'], *self._slider_range('c'))])
+    pad = 0.05 * (e.max() - e.min() + 1e-12)
+    return float(e.min() - pad), float(e.max() + pad)
+
+# %% ../nbs/03_std.ipynb #b00d48fb
+@patch
+def update(self: STDExplorer, change=None):
+    "Recompute the state from the sliders and redraw (the sliders' callback)."
+    if self._hold: return
+    self.state = self.compute()
+    e, (lo, hi) = self.state['energies'], self.energy_lim
+    if e.min() < lo or e.max() > hi:
+        pad = 0.05 * (max(hi, e.max()) - min(lo, e.min()))
+        self.energy_lim = (min(lo, float(e.min()) - pad), max(hi, float(e.max()) + pad))
+    if self.draw:
+        import matplotlib.pyplot as plt
+        from IPython.display import display, clear_output
+        with self.out:
+            clear_output(wait=True)
+            fig = self.plot(); display(fig); plt.close(fig)
+        self.n_draws += 1
+
+# %% ../nbs/03_std.ipynb #46325e96
+@patch
+def _draw_maps(self: STDExplorer, fig, ax):
+    "CT with contours, plain and STD probability maps with colour bars, and their difference, on a 2 x 3 grid `ax`."
+    st, p = self.state, self.state['params']
+    ax[0, 0].imshow(self.image, cmap='gray', vmin=self.window[0], vmax=self.window[1])
+    for im, col, ls in ((st['plain'], 'orange', '--'), (st['std'], 'cyan', '-')):
+        if im.min() < 0.5 < im.max(): ax[0, 0].contour(im, [0.5], colors=col, linestyles=ls, linewidths=1.2)
+    if self.mask is not None: ax[0, 0].contour(self.mask.astype(float), [0.5], colors='lime', linewidths=0.8)
+    ax[0, 0].set_title('x = 0.5: plain (orange --), STD (cyan)' + (',\ntruth (green)' if self.mask is not None else ''), fontsize=9)
+    for a, im, t in ((ax[0, 1], st['plain'], 'plain sigmoid Sig(u)'), (ax[0, 2], st['std'], f"STD sigmoid, {p['n_iter']} iterations")):
+        shown = a.imshow(im, vmin=0, vmax=1, cmap='magma'); a.set_title(t, fontsize=10)
+        fig.colorbar(shown, ax=a, fraction=0.046, pad=0.03, label='probability x')
+    shown = ax[1, 0].imshow(st['std'] - st['plain'], vmin=-1, vmax=1, cmap='RdBu_r')
+    ax[1, 0].set_title('STD − plain (red: added, blue: removed)', fontsize=9)
+    fig.colorbar(shown, ax=ax[1, 0], fraction=0.046, pad=0.03, label='change in x')
+    for a in (ax[0, 0], ax[0, 1], ax[0, 2], ax[1, 0]): a.axis('off')
+
+# %% ../nbs/03_std.ipynb #8b26b982
+@patch
+def _draw_curves(self: STDExplorer, ax):
+    "Energy per iteration (fixed y-range `energy_lim`) and area vs c, on the bottom row of the 2 x 3 grid `ax`."
+    st, p = self.state, self.state['params']
+    ax[1, 1].plot(st['energies'], 'o-', ms=3)
+    ax[1, 1].set(xlabel='iteration t', ylabel='E(xᵗ)', title='energy of Eq. 4 (fixed axis)', ylim=self.energy_lim)
+    ax[1, 2].plot(st['c_grid'], st['area_curve_mm2'], '-', label='STD')
+    ax[1, 2].plot([p['c']], [st['area_mm2']], 'o', color='cyan', mec='k', label='current c')
+    ax[1, 2].axhline(st['plain_area_mm2'], color='orange', ls='--', label='plain sigmoid')
+    if self.mask is not None: ax[1, 2].axhline(st['mask_area_mm2'], color='green', ls=':', label='truth')
+    ax[1, 2].set(xlabel='classifier confidence c', ylabel='area of x > 0.5 (mm²)', title='predicted area as c moves')
+    ax[1, 2].legend(fontsize=8)
+
+# %% ../nbs/03_std.ipynb #3afb0e22
+@patch
+def plot(self: STDExplorer):
+    "The explorer's figure for the current state (a matplotlib Figure)."
+    import matplotlib.pyplot as plt
+    st, p = self.state, self.state['params']
+    fig, ax = plt.subplots(2, 3, figsize=(12.5, 7.6))
+    self._draw_maps(fig, ax)
+    self._draw_curves(ax)
+    head = f"ε={p['eps']:.3g}  λ₁={p['lam1']:.3g}  λ₂={p['lam2']:.3g}  σ={p['sigma']:.3g}  c={p['c']:.2f}"
+    if 'dice_std' in st: head += f"   Dice plain {st['dice_plain']:.3f} → STD {st['dice_std']:.3f}"
+    fig.suptitle((self.title + '   ' if self.title else '') + head, fontsize=11)
+    if self.credit: fig.text(0.5, 0.005, self.credit, ha='center', fontsize=7, color='grey')
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return fig
+
+@patch
+def _ipython_display_(self: STDExplorer):
+    from IPython.display import display
+    display(self.widget)
