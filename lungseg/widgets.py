@@ -555,17 +555,19 @@ def std_effect(comp: Comparison,
 # %% ../nbs/10_compare.ipynb #239ccbba
 def std_effect_figure(comp: Comparison,
                       effect: Optional[pd.DataFrame] = None,    # `std_effect(comp)`; computed when not given
-                      case_ids: Optional[Sequence[str]] = None, # rows; default: most helped, least helped
+                      case_ids: Optional[Sequence[str]] = None, # rows; default: most helped (of the better half), least helped
                       window=(-1200, 400), dpi: int = 110) -> Figure:
     "Rows of cases; columns CT + truth, the model without STD, with STD (3D Dice and HD in each title, c on the slice)."
     effect = std_effect(comp) if effect is None else effect
     model = effect.attrs.get('model', 'Proposed')
-    rows = ('STD helps most', 'STD helps least') if case_ids is None else ('', '')
+    rows = ('STD helps (better half)', 'STD helps least') if case_ids is None else ('', '')
     if case_ids is None:
-        g = effect['gain'].dropna().sort_values(kind='stable')
-        case_ids = [g.index[-1], g.index[0]] if len(g) > 1 else list(g.index[:1]) or comp.case_ids[:1]
+        e = effect.dropna(subset=['gain'])
+        good = e[e.dice_std >= e.dice_std.median()]['gain'].sort_values(kind='stable')   # a help worth seeing: on a case segmented well
+        worst = e['gain'].sort_values(kind='stable')
+        case_ids = [good.index[-1], worst.index[0]] if len(e) > 1 else list(e.index[:1]) or comp.case_ids[:1]
     m = comp.models[model]
-    fig = Figure(figsize=(8.4, 2.9 * len(case_ids) + 0.55), dpi=dpi)
+    fig = Figure(figsize=(8.4, 3.05 * len(case_ids) + 0.6), dpi=dpi)
     axs = fig.subplots(len(case_ids), 3, squeeze=False)
     for r, cid in enumerate(case_ids):
         c, e = comp.case(cid), effect.loc[cid]
@@ -584,7 +586,7 @@ def std_effect_figure(comp: Comparison,
         axs[r][0].set_ylabel(f"{cid}\n{rows[min(r, 1)] if r < 2 else ''}".strip(), fontsize=8)
         if cz is not None: axs[r][2].text(2, 4, f'c = {float(cz[z]):.2f}', color='white', fontsize=8, va='top',
                                            bbox=dict(facecolor='black', alpha=0.5, lw=0))
-    fig.suptitle(f'{model}: the same logits without and with STD + size prior ({comp.source})', fontsize=9.5)
+    fig.suptitle(f'{model}: the same logits without and with STD + size prior. {comp.source}', fontsize=9.5)
     contour_legend(fig, [model], bbox_to_anchor=(0.5, 0.012))
     if comp.credit: fig.text(0.5, 0.002, comp.credit, ha='center', fontsize=7, color='grey')
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
