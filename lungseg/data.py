@@ -20,7 +20,7 @@ __all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'CTFileError', 'CT
            'read_volume', 'move_entries', 'write_volume', 'save_figure', 'write_dicom_series', 'Case', 'check_mask',
            'load_case_folder', 'write_case_folder', 'scan_id', 'load_scans', 'lidc_dir', 'find_lidc', 'resample_volume',
            'read_luna_csv', 'luna_to_voxel', 'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'roi_grid',
-           'extract_slices', 'normalize_hu', 'SliceDataset', 'kfold_split', 'holdout_split']
+           'context_index', 'extract_slices', 'normalize_hu', 'SliceDataset', 'kfold_split', 'holdout_split']
 
 # %% ../nbs/01_data.ipynb #c007
 class CTFileError(ValueError):
@@ -623,11 +623,18 @@ class RoiConfig:
     spacing_mm:float|None = 0.8 # in-plane pixel size to resample to; None keeps each scan's native spacing
     empty_ratio:float = 1.0 # empty slices taken next to the lesion per nodule slice (1.0 = balanced, as in the paper)
     pad_hu:float = -1000. # value where the window leaves the scan: air
+    context:int = 0 # neighbouring slices on each side given as extra input channels (2.5D, not in the paper; 0: the paper's 2D input)
 
     def __post_init__(self):
         if self.size < 8: raise ValueError(f"RoiConfig.size must be at least 8 pixels, got {self.size}")
         if self.spacing_mm is not None and self.spacing_mm <= 0: raise ValueError(f"RoiConfig.spacing_mm must be positive or None, got {self.spacing_mm}")
         if self.empty_ratio < 0: raise ValueError(f"RoiConfig.empty_ratio must be >= 0, got {self.empty_ratio}")
+        if int(self.context) != self.context or self.context < 0: raise ValueError(f"RoiConfig.context must be a whole number >= 0, got {self.context}")
+
+    @property
+    def channels(self) -> int:
+        "Input channels a model trained on these ROIs takes: the slice and `context` neighbours on each side."
+        return 1 + 2 * int(self.context)
 
     @classmethod
     def small(cls):
@@ -654,8 +661,15 @@ class SliceSet:
     z_index: np.ndarray # int [N], slice index in the case's volume
     rois: list # one dict per ROI: case_index, centre_zyx, z_range (nodule slices), window (row, col) centre
     case_groups: list # one group label per case: meta['patient_id'] when known, else the case id
+    context: np.ndarray|None = None # float32 [N, 2k, H, W] HU: the k slices below, then the k above (RoiConfig.context = k), or None
 
     def __len__(self): return len(self.images)
+
+    def stack(self, i:int) -> np.ndarray:
+        "Slice `i` with its context as channels, in z order: float32 [1 + 2k, H, W] HU."
+        if self.context is None: return self.images[i][None]
+        k = len(self.context[i]) // 2
+        return np.concatenate([self.context[i][:k], self.images[i][None], self.context[i][k:]])
 
     @property
     def spacing(self) -> tuple:
@@ -672,7 +686,8 @@ class SliceSet:
         "The slices at `idx` (indices or a boolean mask); case and ROI tables are kept whole."
         idx = np.asarray(idx)
         return SliceSet(self.images[idx], self.masks[idx], self.has_nodule[idx], self.case_index[idx], self.case_ids,
-                        self.pixel_spacing[idx], self.slice_spacing_mm, self.roi_index[idx], self.z_index[idx], self.rois, self.case_groups)
+                        self.pixel_spacing[idx], self.slice_spacing_mm, self.roi_index[idx], self.z_index[idx], self.rois, self.case_groups,
+                        None if self.context is None else self.context[idx])
 
     def __repr__(self):
         return (f"SliceSet({len(self)} slices of {self.images.shape[1:]} from {len(self.rois)} ROIs in {len(self.case_ids)} cases; "
@@ -740,13 +755,21 @@ def roi_grid(centre_yx, # ROI centre (row, col) in continuous voxel indices of t
     return centre_yx[0] + off / spacing_yx[0], centre_yx[1] + off / spacing_yx[1], (cfg.spacing_mm, cfg.spacing_mm), 1
 
 # %% ../nbs/01_data.ipynb #8a7420d9
+def context_index(zs, # slice indices
+                  depth:int, # slices in the volume
+                  k:int # neighbours on each side
+                 ) -> np.ndarray:
+    "Slice indices [len(zs), 2k + 1]: each z with its k neighbours on each side, clipped to the volume (edge slices repeat)."
+    return np.clip(np.asarray(zs, int)[:, None] + np.arange(-k, k + 1)[None], 0, depth - 1)
+
 def extract_slices(cases:list, # cases with nodule masks (e.g. from `load_case_folder`)
                    cfg:RoiConfig|None=None, # window size, pixel spacing, empty-slice ratio; default RoiConfig.small()
                    progress:bool=False # show a tqdm progress bar
                   ) -> SliceSet:
     "Cut each nodule's ROI into 2D slices (nodule slices + adjacent empty slices), resampled in-plane, padded with air; cases with empty masks add none."
     cfg = cfg or RoiConfig.small()
-    imgs, msks, cidx, ridx, zidx, psp, rois = [], [], [], [], [], [], []
+    imgs, msks, ctxs, cidx, ridx, zidx, psp, rois = [], [], [], [], [], [], [], []
+    k = int(cfg.context)
     for ci, case in enumerate(tqdm(cases, desc='Extracting ROIs', unit='case', disable=not progress)):
         depth = case.image.shape[0]
         sz, sy, sx = case.image.spacing
@@ -754,6 +777,8 @@ def extract_slices(cases:list, # cases with nodule masks (e.g. from `load_case_f
             zs = sorted(set(range(z0, z1 + 1)) | set(_empty_slices(z0, z1, depth, int(round(cfg.empty_ratio * (z1 - z0 + 1))))))
             rows, cols, out_sp, order = roi_grid(centre[1:], (sy, sx), cfg)
             im = _sample_planes(case.image.array, zs, rows, cols, order, cfg.pad_hu)
+            if k: ctxs.append(_sample_planes(case.image.array, context_index(zs, depth, k)[:, np.r_[0:k, k + 1:2 * k + 1]].ravel(),
+                                             rows, cols, order, cfg.pad_hu).reshape(len(zs), 2 * k, *im.shape[1:]))
             mk = _sample_planes(case.mask, zs, rows, cols, order, 0.) >= 0.5
             rois.append(dict(case_index=ci, centre_zyx=tuple(float(c) for c in centre), z_range=(z0, z1), n_slices=len(zs)))
             imgs.append(im.astype(np.float32)); msks.append(mk.astype(np.uint8))
@@ -762,7 +787,7 @@ def extract_slices(cases:list, # cases with nodule masks (e.g. from `load_case_f
     masks = np.concatenate(msks)
     return SliceSet(np.concatenate(imgs), masks, masks.reshape(len(masks), -1).any(1), np.array(cidx), [c.case_id for c in cases],
                     np.array(psp, float), np.array([c.image.spacing[0] for c in cases], float), np.array(ridx), np.array(zidx), rois,
-                    [str(c.meta.get('patient_id', c.case_id)) for c in cases])
+                    [str(c.meta.get('patient_id', c.case_id)) for c in cases], np.concatenate(ctxs) if k else None)
 
 # %% ../nbs/01_data.ipynb #c076
 def normalize_hu(hu, # HU values: numpy array or torch tensor
@@ -775,7 +800,7 @@ def normalize_hu(hu, # HU values: numpy array or torch tensor
 
 # %% ../nbs/01_data.ipynb #c079
 class SliceDataset(Dataset):
-    "Torch dataset over a `SliceSet`: (image [1,H,W] in [0,1], mask [1,H,W], has_nodule) as float32, optionally augmented."
+    "Torch dataset over a `SliceSet`: (image [C,H,W] in [0,1], mask [1,H,W], has_nodule) as float32, optionally augmented; C = 1 + 2 x context."
     def __init__(self,
                  slices:SliceSet, # from `extract_slices`
                  window=(-1200, 400), # HU window for Eq. 6 (fixed, see `normalize_hu`)
@@ -795,24 +820,25 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i):
         i = int(i)
-        img = normalize_hu(self.slices.images[i], self.window)
+        img = normalize_hu(self.slices.stack(i), self.window)   # [C, H, W]: C = 1, or 1 + 2k with context
         msk = self.slices.masks[i].astype(np.float32)
         has = float(self.slices.has_nodule[i])
         if self.augment:   # every draw from torch's generator: seeded by torch.manual_seed, per worker by DataLoader
             lr, ud = (torch.rand(2) < 0.5).tolist()
-            if lr: img, msk = img[:, ::-1], msk[:, ::-1]
-            if ud: img, msk = img[::-1], msk[::-1]
+            if lr: img, msk = img[..., ::-1], msk[:, ::-1]
+            if ud: img, msk = img[..., ::-1, :], msk[::-1]
             if self.rot90:
                 k = int(torch.randint(4, ()))
-                img, msk = np.rot90(img, k), np.rot90(msk, k)
+                img, msk = np.rot90(img, k, axes=(-2, -1)), np.rot90(msk, k)
             if self.scale:
                 s = 1 + self.scale * (2 * float(torch.rand(())) - 1)
-                img, msk = _zoom(img, s, float(normalize_hu(np.float32(-1000.), self.window))), (_zoom(msk, s, 0.) >= 0.5).astype(np.float32)
+                air = float(normalize_hu(np.float32(-1000.), self.window))
+                img, msk = np.stack([_zoom(ch, s, air) for ch in img]), (_zoom(msk, s, 0.) >= 0.5).astype(np.float32)
                 has = float(msk.any())   # a zoom may push a small nodule out of view
             if self.intensity:
                 c, b = 1 + self.intensity * (2 * float(torch.rand(())) - 1), self.intensity * (float(torch.rand(())) - 0.5)
                 img = np.clip(img * c + b, 0, 1).astype(np.float32)
-        return (torch.from_numpy(np.ascontiguousarray(img))[None], torch.from_numpy(np.ascontiguousarray(msk))[None],
+        return (torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(msk))[None],
                 torch.tensor(has))
 
     def __repr__(self):
