@@ -16,8 +16,8 @@ from .data import Case, CTVolume, write_case_folder
 # %% auto #0
 __all__ = ['NODULE_KINDS', 'ALL_KINDS', 'PhantomConfig', 'NoduleGeometry', 'draw_lung', 'draw_wall_plane', 'wall_depth',
            'draw_vessels', 'draw_fissure', 'nodule_hu', 'draw_nodule', 'draw_wall', 'scanner', 'make_phantom',
-           'wall_mask', 'wall_contact', 'tissue_masks', 'roi_stats', 'slice_rgb', 'phantom_kinds', 'make_phantom_cases',
-           'write_phantom_folder', 'SliceViewer', 'make_chest_phantom']
+           'wall_mask', 'wall_contact', 'tissue_masks', 'roi_stats', 'realism_stats', 'slice_rgb', 'phantom_kinds',
+           'make_phantom_cases', 'write_phantom_folder', 'SliceViewer', 'make_chest_phantom']
 
 # %% ../nbs/02_phantoms.ipynb #95c4f77b
 NODULE_KINDS = ('isolated', 'juxtapleural', 'calcific', 'ground_glass', 'cavitary')
@@ -51,13 +51,19 @@ class PhantomConfig:
     vessel_trees: float = 8.0            # mean number of vessel trees entering the ROI
     vessel_touch_prob: float = 0.35      # chance that a vessel runs along the nodule surface
     noise_hu: float = 46.                # median noise standard deviation
-    psf_mm: tuple = (1.0, 0.7, 0.7)      # scanner blur (Gaussian sigma (z, y, x), mm): partial-volume edges, noise correlation
+    psf_mm: tuple = (1.0, 0.7, 0.7)      # scanner blur (Gaussian sigma (z, y, x), mm): partial-volume edges
+    noise_psf_mm: tuple = None           # noise correlation (Gaussian sigma, mm) when finer than the PSF, as CT's ramp filter leaves it; None: noise blurred with the image
     mask_margin_mm: float = 1.0          # masks are drawn this far outside the half-intensity surface, as LIDC readers draw them
 
     @classmethod
     def small(cls, **kw):
         "Default: 32 x 64 x 64 ROIs at 1.0 x 0.8 x 0.8 mm (about 32 x 51 x 51 mm)."
         return cls(**kw)
+
+    @classmethod
+    def realistic(cls, **kw):
+        "Fitted to LIDC's edge contrast and high-frequency lung noise (see *Realism*): finer noise, more vessels along nodules, darker solid core."
+        return cls(**{**dict(noise_psf_mm=(1.0, 0.65, 0.65), solid_hu=0., vessel_trees=12., vessel_touch_prob=0.8, mask_margin_mm=1.1), **kw})
 
     @classmethod
     def paper(cls, **kw):
@@ -426,11 +432,15 @@ def draw_wall(rng, cfg: PhantomConfig, img, s_wall, normal, tex):
     img += _ramp(s_wall, float(np.mean(cfg.spacing))) * (_wall_image(rng, cfg, s_wall, normal, tex) - img)
 
 def scanner(rng, cfg: PhantomConfig, img) -> tuple:
-    "Scanner noise and blur: white noise of a drawn SD (median `cfg.noise_hu`), then a Gaussian PSF (`cfg.psf_mm`). Returns `(img, sd)`."
+    "Scanner blur (Gaussian PSF `cfg.psf_mm`) and correlated noise of a drawn SD (median `cfg.noise_hu`, correlation `cfg.noise_psf_mm`). Returns `(img, sd)`."
     sig = [p / s for p, s in zip(np.broadcast_to(cfg.psf_mm, (3,)), cfg.spacing)]
     sd = cfg.noise_hu * math.exp(0.3 * rng.standard_normal())
-    img += (sd / math.sqrt(_gauss_var(sig))) * rng.standard_normal(cfg.shape, dtype=np.float32)
-    return ndi.gaussian_filter(img, sig, truncate=3.0), sd
+    if cfg.noise_psf_mm is None:                                        # noise added before the blur: correlated like the image
+        img += (sd / math.sqrt(_gauss_var(sig))) * rng.standard_normal(cfg.shape, dtype=np.float32)
+        return ndi.gaussian_filter(img, sig, truncate=3.0), sd
+    nsig = [p / s for p, s in zip(np.broadcast_to(cfg.noise_psf_mm, (3,)), cfg.spacing)]
+    noise = ndi.gaussian_filter(rng.standard_normal(cfg.shape, dtype=np.float32), nsig, truncate=3.0)
+    return ndi.gaussian_filter(img, sig, truncate=3.0) + (sd / math.sqrt(_gauss_var(nsig))) * noise, sd
 
 # %% ../nbs/02_phantoms.ipynb #66d4fdd5
 def make_phantom(kind: str,            # one of NODULE_KINDS or 'empty'
@@ -547,6 +557,29 @@ def roi_stats(image: np.ndarray,     # CT (z, y, x) in HU
                    edge_cnr=float((im[inner].mean() - im[outer].mean()) / out['noise_sd']) if outer.any() else nan,
                    diameter_mm=float(np.cbrt(6 * m.sum() * np.prod(spacing) / np.pi)),
                    wall_contact=wall_contact(im, m, spacing, wall=wall))
+    return out
+
+# %% ../nbs/02_phantoms.ipynb #bc69f22e
+def realism_stats(image: np.ndarray,     # CT (z, y, x) in HU
+                  mask: np.ndarray,      # nodule mask (may be empty)
+                  spacing=(1., 1., 1.),  # (z, y, x) mm, for the diameter
+                  clip=(-1200, 400),     # HU range the image is clipped to first (the LIDC sample's storage range)
+                  ring_vox: int = 2,     # width (voxels) of the ring around the nodule
+                  lung_below: float = -500.,  # lung voxels: below this HU and outside the ring
+                 ) -> dict:
+    "Edge contrast (nodule mean minus ring mean, HU), high-frequency lung noise (SD of a 3-voxel high-pass, HU), levels and diameter."
+    a = np.clip(np.asarray(image, np.float32), *clip); m = np.asarray(mask) > 0
+    near = ndi.binary_dilation(m, np.ones((3, 3, 3), bool), iterations=ring_vox) if m.any() else m   # every voxel within ring_vox steps, diagonals too
+    lung = (a < lung_below) & ~near
+    hp = a - ndi.uniform_filter(a, 3)
+    nan = float('nan')
+    out = dict(hf_noise=float(hp[lung].std()) if lung.any() else nan, lung_median=float(np.median(a[lung])) if lung.any() else nan,
+               edge_contrast=nan, nodule_mean=nan, ring_mean=nan, diameter_mm=0.0)
+    if m.any():
+        ring = near & ~m
+        out.update(nodule_mean=float(a[m].mean()), ring_mean=float(a[ring].mean()),
+                   diameter_mm=float(np.cbrt(6 * m.sum() * np.prod(spacing) / np.pi)))
+        out['edge_contrast'] = out['nodule_mean'] - out['ring_mean']
     return out
 
 # %% ../nbs/02_phantoms.ipynb #a73131f9
