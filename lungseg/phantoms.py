@@ -6,6 +6,7 @@
 from __future__ import annotations
 import io, math, os
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
@@ -13,9 +14,10 @@ from tqdm.auto import tqdm
 from .data import Case, CTVolume, write_case_folder
 
 # %% auto #0
-__all__ = ['NODULE_KINDS', 'ALL_KINDS', 'PhantomConfig', 'make_phantom', 'wall_mask', 'wall_contact', 'tissue_masks', 'roi_stats',
-           'slice_rgb', 'phantom_kinds', 'make_phantom_cases', 'write_phantom_folder', 'SliceViewer',
-           'make_chest_phantom']
+__all__ = ['NODULE_KINDS', 'ALL_KINDS', 'PhantomConfig', 'NoduleGeometry', 'draw_lung', 'draw_wall_plane', 'wall_depth',
+           'draw_vessels', 'draw_fissure', 'nodule_hu', 'draw_nodule', 'draw_wall', 'scanner', 'make_phantom',
+           'wall_mask', 'wall_contact', 'tissue_masks', 'roi_stats', 'realism_stats', 'slice_rgb', 'phantom_kinds',
+           'make_phantom_cases', 'write_phantom_folder', 'SliceViewer', 'make_chest_phantom']
 
 # %% ../nbs/02_phantoms.ipynb #95c4f77b
 NODULE_KINDS = ('isolated', 'juxtapleural', 'calcific', 'ground_glass', 'cavitary')
@@ -49,13 +51,19 @@ class PhantomConfig:
     vessel_trees: float = 8.0            # mean number of vessel trees entering the ROI
     vessel_touch_prob: float = 0.35      # chance that a vessel runs along the nodule surface
     noise_hu: float = 46.                # median noise standard deviation
-    psf_mm: tuple = (1.0, 0.7, 0.7)      # scanner blur (Gaussian sigma (z, y, x), mm): partial-volume edges, noise correlation
+    psf_mm: tuple = (1.0, 0.7, 0.7)      # scanner blur (Gaussian sigma (z, y, x), mm): partial-volume edges
+    noise_psf_mm: tuple = None           # noise correlation (Gaussian sigma, mm) when finer than the PSF, as CT's ramp filter leaves it; None: noise blurred with the image
     mask_margin_mm: float = 1.0          # masks are drawn this far outside the half-intensity surface, as LIDC readers draw them
 
     @classmethod
     def small(cls, **kw):
         "Default: 32 x 64 x 64 ROIs at 1.0 x 0.8 x 0.8 mm (about 32 x 51 x 51 mm)."
         return cls(**kw)
+
+    @classmethod
+    def realistic(cls, **kw):
+        "Fitted to LIDC's edge contrast and high-frequency lung noise (see *Realism*): finer noise, more vessels along nodules, darker solid core."
+        return cls(**{**dict(noise_psf_mm=(1.0, 0.65, 0.65), solid_hu=0., vessel_trees=12., vessel_touch_prob=0.8, mask_margin_mm=1.1), **kw})
 
     @classmethod
     def paper(cls, **kw):
@@ -180,6 +188,7 @@ def _capsules(vol, segs, spacing, w, piece_mm=10.0):
             sl = tuple(slice(l, h) for l, h in zip(*box))
             np.maximum(vol[sl], f, out=vol[sl])
 
+# %% ../nbs/02_phantoms.ipynb #aaf31a23
 def _vessel_tree(rng, start, direction, r0, extent, max_segs=40):
     "Branching vessel tree as capsule segments: random walk, bifurcation with Murray's law radii."
     segs, stack = [], [(np.asarray(start, float), _unit(direction), r0, 0)]
@@ -200,6 +209,7 @@ def _vessel_tree(rng, start, direction, r0, extent, max_segs=40):
         else: stack.append((q, d, r_end, depth + 1))
     return segs
 
+# %% ../nbs/02_phantoms.ipynb #4fbb05b5
 def _upsample2(a, shape):
     "Linear 2x upsampling along every axis, cropped to `shape` (cheap stand-in for a wide Gaussian filter)."
     for ax, n in enumerate(shape):
@@ -226,6 +236,7 @@ def _correlated(rng, shape, spacing, sigma_mm):
     f = _upsample2(f, shape)
     return f / (f.std() + 1e-9)
 
+# %% ../nbs/02_phantoms.ipynb #e9bc6d6c
 def _wall_field(cfg, centre, normal, d0, curv, box=None):
     "Signed depth (mm) into the chest wall for every voxel (of `box`): > 0 inside the wall."
     z, y, x = _grid(cfg.shape, cfg.spacing, *(box or ((0, 0, 0), cfg.shape)))
@@ -266,8 +277,13 @@ def _draw_diameter(rng, cfg, kind):
         if lo_t <= d <= hi_t: return d
     return float(rng.uniform(lo_t, hi_t))
 
-def _nodule_geometry(rng, cfg, kind, centre, normal, curv):
-    "Draw the nodule shape; size it so its mask has the target diameter. Returns (shape, scale, box, rho, u, R, d0)."
+# %% ../nbs/02_phantoms.ipynb #1f6eacd4
+class NoduleGeometry(NamedTuple):
+    "A drawn nodule: its star shape, the scale that gives the target mask size, and polar coordinates over its box."
+    shape: _Shape; scale: float; box: tuple; rho: np.ndarray; u: np.ndarray; R: np.ndarray; d0: float; margin: float
+
+def _nodule_geometry(rng, cfg, kind, centre, normal, curv) -> NoduleGeometry:
+    "Draw the nodule shape; size it so its mask has the target diameter."
     shape, spacing = cfg.shape, cfg.spacing
     w = float(np.mean(spacing)); vox = float(np.prod(spacing))
     d_target = _draw_diameter(rng, cfg, kind)
@@ -289,115 +305,179 @@ def _nodule_geometry(rng, cfg, kind, centre, normal, curv):
         d_now = float(np.cbrt(6 * m.sum() * vox / np.pi))
         if abs(d_now - d_target) <= 0.02 * d_target or d_now == 0: break
         scale *= (d_target / d_now) ** (1.0 if juxta else 0.9)
-    return shp, scale, box, rho, u, R, d0, margin
+    return NoduleGeometry(shp, scale, box, rho, u, R, d0, margin)
 
+# %% ../nbs/02_phantoms.ipynb #9070c121
+def draw_lung(rng,                # the phantom's random generator
+              cfg: PhantomConfig, # tissue levels and geometry
+              centre,             # nodule centre (mm), the origin of the gradient
+             ) -> tuple:
+    "Parenchyma image (HU, float32) and the unit texture field that later stages reuse: `(img, tex)`."
+    tex = _correlated(rng, cfg.shape, cfg.spacing, 1.5)
+    level = cfg.lung_hu + cfg.lung_hu_sd * rng.standard_normal()
+    z, y, x = _grid(cfg.shape, cfg.spacing)
+    g = rng.uniform(-0.8, 0.8, 3) * np.array([0.3, 1, 1])
+    img = (level + g[0] * (z - centre[0]) + g[1] * (y - centre[1]) + g[2] * (x - centre[2])
+           + cfg.lung_texture_hu * tex).astype(np.float32)
+    return img, tex
+
+# %% ../nbs/02_phantoms.ipynb #b7b1e4d2
+def draw_wall_plane(rng, cfg: PhantomConfig, kind: str) -> tuple:
+    "Whether a chest wall is in view, its unit normal (mostly in-plane) and its curvature (1/mm): `(has_wall, normal, curv)`."
+    has_wall = kind == 'juxtapleural' or rng.random() < cfg.wall_prob
+    a = rng.uniform(0, 2 * np.pi)
+    normal = _unit([0.25 * rng.standard_normal(), np.cos(a), np.sin(a)])
+    curv = rng.uniform(0, 1 / 80)
+    return has_wall, normal, curv
+
+def wall_depth(rng, cfg: PhantomConfig, kind: str, nod, centre, normal, curv) -> np.ndarray:
+    "Signed depth (mm) into the wall over the whole ROI: juxtapleural nodules sink into it, others keep 4-10 mm away (4-7 hard)."
+    if kind == 'empty': d0 = rng.uniform(0, 22)
+    elif kind == 'juxtapleural': d0 = nod.d0
+    else: d0 = nod.scale * nod.shape.r_max + nod.margin + (rng.uniform(4, 7) if cfg.hard else rng.uniform(4, 10))
+    return _wall_field(cfg, centre, normal, d0, curv)
+
+# %% ../nbs/02_phantoms.ipynb #e9f55aab
+def draw_vessels(rng, cfg: PhantomConfig, img, tex, centre,
+                 nod=None,      # the `NoduleGeometry`, or None for an empty ROI
+                 normal=None,   # the wall normal when a wall is in view: a touching vessel stays on the lung side
+                ) -> tuple:
+    "Add vessel trees to `img` (in place); return the occupancy map and whether a vessel touches the nodule."
+    extent = np.array(cfg.shape) * np.array(cfg.spacing)
+    vf, segs = np.zeros(cfg.shape, np.float32), []
+    for _ in range(rng.poisson(cfg.vessel_trees)):
+        face = rng.integers(0, 3); start = rng.uniform(0, 1, 3) * extent
+        start[face] = -3.0 if rng.random() < 0.5 else extent[face] + 3.0
+        target = rng.uniform(0.2, 0.8, 3) * extent
+        segs += _vessel_tree(rng, start, target - start, rng.uniform(0.8, 2.6), extent)
+    contact = nod is not None and rng.random() < cfg.vessel_touch_prob
+    if contact:
+        n_p = _rand_dir(rng)
+        if normal is not None and n_p @ normal > 0: n_p = -n_p           # keep it on the lung side
+        rv = rng.uniform(0.7, 1.6)
+        q = centre + (nod.scale * float(nod.shape.radial(n_p[None])[0]) + 0.5 * rv) * n_p
+        d = _perp(n_p, rng)
+        segs += [(q - 18 * d, q, rv * 1.05, rv), (q, q + 18 * d, rv, rv * 0.95)]
+        segs += _vessel_tree(rng, q + 18 * d, d, rv * 0.95, extent, 12)
+    _capsules(vf, segs, cfg.spacing, float(np.mean(cfg.spacing)))
+    img += vf * (cfg.vessel_hu + 10.0 * tex - img)
+    return vf, contact
+
+# %% ../nbs/02_phantoms.ipynb #18410a9d
+def draw_fissure(rng, cfg: PhantomConfig, img, centre, nod=None):
+    "With probability `cfg.fissure_prob`, add a faint thin plane to `img` (in place), kept clear of the nodule."
+    if rng.random() >= cfg.fissure_prob: return
+    extent = np.array(cfg.shape) * np.array(cfg.spacing)
+    z, y, x = _grid(cfg.shape, cfg.spacing)
+    nf = _rand_dir(rng); off = rng.uniform(-0.3, 0.3) * extent.min()
+    if nod is not None: off = np.sign(off + 1e-9) * max(abs(off), nod.scale * nod.shape.r_max + 2)
+    sf = (z - centre[0]) * nf[0] + (y - centre[1]) * nf[1] + (x - centre[2]) * nf[2] - off
+    img += _ramp(0.4 - np.abs(sf), float(np.mean(cfg.spacing))) * (cfg.wall_hu - img) * 0.8
+
+# %% ../nbs/02_phantoms.ipynb #5e2c01f0
+def _calcify(rng, cfg, nod, hu, t):
+    "Blend calcium into the nodule HU `hu`: a diffuse, central, laminated or popcorn pattern. Returns (hu, pattern)."
+    scale, R, rho = nod.scale, nod.R, nod.rho
+    w = float(np.mean(cfg.spacing))
+    pattern = 'diffuse' if scale * nod.shape.r_max < 4 else str(rng.choice(['central', 'laminated', 'popcorn', 'diffuse']))
+    calc = cfg.calcific_hu * rng.uniform(0.8, 1.25)
+    rr = rho / (scale * R)
+    if pattern == 'diffuse': c = 1.0
+    elif pattern == 'central': c = _ramp(0.7 - rr, w / (scale * nod.shape.r_max))
+    elif pattern == 'laminated': c = np.maximum(_ramp(0.4 - rr, 0.1), _ramp(0.12 - np.abs(rr - 0.75), 0.1))
+    else: c = _ramp(t + 0.3, 0.3)
+    return hu + c * (calc - hu), pattern
+
+def _cavitate(rng, cfg, nod, hu, t, centre):
+    "Replace an irregular inner body (35-55 % of the radius, slightly off-centre) of the nodule HU with air."
+    cav = _Shape.random(rng, 1.0, 0)
+    rc = rng.uniform(0.35, 0.55)
+    cc = centre + rng.uniform(-0.1, 0.1, 3) * nod.scale * float(nod.R.min())
+    rho_c, u_c = _polar(cc, nod.box, cfg.shape, cfg.spacing)
+    fc = _ramp(rc * nod.scale * nod.R * cav.radial(u_c) - rho_c, float(np.mean(cfg.spacing)))
+    return hu + fc * (cfg.cavity_hu + 15 * t - hu)
+
+def nodule_hu(rng, cfg: PhantomConfig, kind: str, nod: NoduleGeometry,
+              t,       # the texture field over the nodule's box
+              centre,  # nodule centre (mm)
+             ) -> tuple:
+    "HU inside the nodule's box for `kind` (before partial volume): `(hu, calcification pattern or None)`."
+    hu = cfg.ggo_hu + cfg.ggo_texture_hu * t if kind == 'ground_glass' else cfg.solid_hu + cfg.solid_texture_hu * t
+    pattern = None
+    if kind == 'calcific': hu, pattern = _calcify(rng, cfg, nod, hu, t)
+    if kind == 'cavitary': hu = _cavitate(rng, cfg, nod, hu, t, centre)
+    return hu, pattern
+
+# %% ../nbs/02_phantoms.ipynb #7ceb74cb
+def draw_nodule(rng, cfg: PhantomConfig, kind: str, img, tex, vf, centre, nod: NoduleGeometry,
+                s_wall=None,   # wall depth from `wall_depth` (None: no wall)
+               ) -> tuple:
+    "Blend the nodule into `img` (in place); return its mask (uint8, ROI-sized) and its calcification pattern (or None)."
+    sl = tuple(slice(l, h) for l, h in zip(*nod.box))
+    soft = rng.uniform(1.0, 2.5) if kind == 'ground_glass' else 0.0   # ill-defined edge
+    frac = _ramp(nod.scale * nod.R - nod.rho, float(np.mean(cfg.spacing)) + soft)
+    hu, pattern = nodule_hu(rng, cfg, kind, nod, tex[sl], centre)
+    under = img[sl]
+    vessel_top = np.where(vf[sl] > 0.5, under, -3000.0)
+    img[sl] = under + frac * (np.maximum(hu, vessel_top) - under)
+    m = nod.scale * nod.R + nod.margin - nod.rho >= 0
+    if s_wall is not None: m &= s_wall[sl] <= 0
+    mask = np.zeros(cfg.shape, np.uint8)
+    mask[sl] = m
+    return mask, pattern
+
+# %% ../nbs/02_phantoms.ipynb #2370ffbe
+def draw_wall(rng, cfg: PhantomConfig, img, s_wall, normal, tex):
+    "Lay the chest wall's picture (muscle, fat, ribs) over `img` (in place) where the wall depth `s_wall` > 0, with a partial-volume pleura."
+    img += _ramp(s_wall, float(np.mean(cfg.spacing))) * (_wall_image(rng, cfg, s_wall, normal, tex) - img)
+
+def scanner(rng, cfg: PhantomConfig, img) -> tuple:
+    "Scanner blur (Gaussian PSF `cfg.psf_mm`) and correlated noise of a drawn SD (median `cfg.noise_hu`, correlation `cfg.noise_psf_mm`). Returns `(img, sd)`."
+    sig = [p / s for p, s in zip(np.broadcast_to(cfg.psf_mm, (3,)), cfg.spacing)]
+    sd = cfg.noise_hu * math.exp(0.3 * rng.standard_normal())
+    if cfg.noise_psf_mm is None:                                        # noise added before the blur: correlated like the image
+        img += (sd / math.sqrt(_gauss_var(sig))) * rng.standard_normal(cfg.shape, dtype=np.float32)
+        return ndi.gaussian_filter(img, sig, truncate=3.0), sd
+    nsig = [p / s for p, s in zip(np.broadcast_to(cfg.noise_psf_mm, (3,)), cfg.spacing)]
+    noise = ndi.gaussian_filter(rng.standard_normal(cfg.shape, dtype=np.float32), nsig, truncate=3.0)
+    return ndi.gaussian_filter(img, sig, truncate=3.0) + (sd / math.sqrt(_gauss_var(nsig))) * noise, sd
+
+# %% ../nbs/02_phantoms.ipynb #66d4fdd5
 def make_phantom(kind: str,            # one of NODULE_KINDS or 'empty'
                  seed: int = 0,        # random seed: the same seed and config give the same phantom
                  cfg: PhantomConfig = None,  # geometry, sizes, tissue levels (default `PhantomConfig.small()`)
+                 layers: dict = None,  # if a dict: filled with the image (HU) after each stage, for teaching
                 ) -> 'Case':
     "One synthetic CT ROI (HU, int16) with its nodule mask, as a `lungseg.data.Case`."
     if kind not in ALL_KINDS: raise ValueError(f"unknown phantom kind {kind!r}; choose from {ALL_KINDS}")
     cfg = cfg or PhantomConfig.small()
     rng = np.random.default_rng([int(seed), ALL_KINDS.index(kind)])
     shape, spacing = tuple(cfg.shape), tuple(float(s) for s in cfg.spacing)
-    extent = np.array(shape) * np.array(spacing)
-    w = float(np.mean(spacing))
-    centre = extent / 2 + rng.uniform(-1, 1, 3) * np.array([1.0, 2.0, 2.0])
-    tex = _correlated(rng, shape, spacing, 1.5)
+    keep = (lambda name, a: layers.__setitem__(name, a.copy())) if layers is not None else (lambda name, a: None)
+    centre = np.array(shape) * np.array(spacing) / 2 + rng.uniform(-1, 1, 3) * np.array([1.0, 2.0, 2.0])
     meta = dict(kind=kind, source='phantom', seed=int(seed), hard=bool(cfg.hard))
-    # parenchyma: case level, a gravity-like gradient, correlated texture
-    level = cfg.lung_hu + cfg.lung_hu_sd * rng.standard_normal()
-    z, y, x = _grid(shape, spacing)
-    g = rng.uniform(-0.8, 0.8, 3) * np.array([0.3, 1, 1])
-    img = (level + g[0] * (z - centre[0]) + g[1] * (y - centre[1]) + g[2] * (x - centre[2])
-           + cfg.lung_texture_hu * tex).astype(np.float32)
-    # chest wall orientation (mostly in-plane normal) and nodule geometry
-    has_wall = kind == 'juxtapleural' or rng.random() < cfg.wall_prob
-    a = rng.uniform(0, 2 * np.pi)
-    normal = _unit([0.25 * rng.standard_normal(), np.cos(a), np.sin(a)])
-    curv = rng.uniform(0, 1 / 80)
+    img, tex = draw_lung(rng, cfg, centre); keep('lung', img)
+    has_wall, normal, curv = draw_wall_plane(rng, cfg, kind)
     nod = None if kind == 'empty' else _nodule_geometry(rng, cfg, kind, centre, normal, curv)
-    if has_wall:
-        if kind == 'empty': d0 = rng.uniform(0, 22)
-        elif kind == 'juxtapleural': d0 = nod[6]
-        else: d0 = nod[1] * nod[0].r_max + nod[7] + (rng.uniform(4, 7) if cfg.hard else rng.uniform(4, 10))
-        s_wall = _wall_field(cfg, centre, normal, d0, curv)
-        wf = _ramp(s_wall, w)
-    # vessels: branching trees entering from the sides; optionally one running along the nodule
-    vf = np.zeros(shape, np.float32)
-    segs = []
-    for _ in range(rng.poisson(cfg.vessel_trees)):
-        face = rng.integers(0, 3); start = rng.uniform(0, 1, 3) * extent
-        start[face] = -3.0 if rng.random() < 0.5 else extent[face] + 3.0
-        target = rng.uniform(0.2, 0.8, 3) * extent
-        segs += _vessel_tree(rng, start, target - start, rng.uniform(0.8, 2.6), extent)
-    meta['vessel_contact'] = False
-    if nod is not None and rng.random() < cfg.vessel_touch_prob:
-        n_p = _rand_dir(rng)
-        if has_wall and n_p @ normal > 0: n_p = -n_p           # keep it on the lung side
-        rv = rng.uniform(0.7, 1.6)
-        q = centre + (nod[1] * float(nod[0].radial(n_p[None])[0]) + 0.5 * rv) * n_p
-        d = _perp(n_p, rng)
-        segs += [(q - 18 * d, q, rv * 1.05, rv), (q, q + 18 * d, rv, rv * 0.95)]
-        segs += _vessel_tree(rng, q + 18 * d, d, rv * 0.95, extent, 12)
-        meta['vessel_contact'] = True
-    _capsules(vf, segs, spacing, w)
-    img += vf * (cfg.vessel_hu + 10.0 * tex - img)
-    # fissure: a thin plane, seen as a faint line; kept clear of the nodule
-    if rng.random() < cfg.fissure_prob:
-        nf = _rand_dir(rng); off = rng.uniform(-0.3, 0.3) * extent.min()
-        if nod is not None: off = np.sign(off + 1e-9) * max(abs(off), nod[1] * nod[0].r_max + 2)
-        sf = (z - centre[0]) * nf[0] + (y - centre[1]) * nf[1] + (x - centre[2]) * nf[2] - off
-        img += _ramp(0.4 - np.abs(sf), w) * (cfg.wall_hu - img) * 0.8
-    # nodule intensity and mask
+    s_wall = wall_depth(rng, cfg, kind, nod, centre, normal, curv) if has_wall else None
+    vf, meta['vessel_contact'] = draw_vessels(rng, cfg, img, tex, centre, nod, normal if has_wall else None); keep('vessels', img)
+    draw_fissure(rng, cfg, img, centre, nod); keep('fissure', img)
     mask = np.zeros(shape, np.uint8)
     if nod is not None:
-        shp, scale, box, rho, u, R, _, margin = nod
-        sl = tuple(slice(l, h) for l, h in zip(*box))
-        soft = rng.uniform(1.0, 2.5) if kind == 'ground_glass' else 0.0   # ill-defined edge
-        frac = _ramp(scale * R - rho, w + soft)
-        t = tex[sl]
-        if kind == 'ground_glass': hu = cfg.ggo_hu + cfg.ggo_texture_hu * t
-        else: hu = cfg.solid_hu + cfg.solid_texture_hu * t
-        if kind == 'calcific':
-            pattern = 'diffuse' if scale * shp.r_max < 4 else str(rng.choice(['central', 'laminated', 'popcorn', 'diffuse']))
-            calc = cfg.calcific_hu * rng.uniform(0.8, 1.25)
-            rr = rho / (scale * R)
-            if pattern == 'diffuse': c = 1.0
-            elif pattern == 'central': c = _ramp(0.7 - rr, w / (scale * shp.r_max))
-            elif pattern == 'laminated': c = np.maximum(_ramp(0.4 - rr, 0.1), _ramp(0.12 - np.abs(rr - 0.75), 0.1))
-            else: c = _ramp(t + 0.3, 0.3)
-            hu = hu + c * (calc - hu)
-            meta['calcification'] = pattern
-        if kind == 'cavitary':
-            cav = _Shape.random(rng, scale * shp.r_max * 0.0 + (scale * R.max()) * 0.0 + 1.0, 0)
-            rc = rng.uniform(0.35, 0.55)
-            cc = centre + rng.uniform(-0.1, 0.1, 3) * scale * float(R.min())
-            rho_c, u_c = _polar(cc, box, shape, spacing)
-            fc = _ramp(rc * scale * R * cav.radial(u_c) - rho_c, w)
-            hu = hu + fc * (cfg.cavity_hu + 15 * t - hu)
-        under = img[sl]
-        vessel_top = np.where(vf[sl] > 0.5, under, -3000.0)
-        img[sl] = under + frac * (np.maximum(hu, vessel_top) - under)
-        m = scale * R + margin - rho >= 0
-        if has_wall: m &= s_wall[sl] <= 0
-        mask[sl] = m
+        mask, pattern = draw_nodule(rng, cfg, kind, img, tex, vf, centre, nod, s_wall)
+        if pattern: meta['calcification'] = pattern
+    keep('nodule', img)
     if has_wall:
-        img += wf * (_wall_image(rng, cfg, s_wall, normal, tex) - img)
-        meta['wall_distance_mm'] = float(max(0.0, -s_wall[mask > 0].max())) if mask.any() else float(max(0.0, -s_wall.max()))
+        draw_wall(rng, cfg, img, s_wall, normal, tex)
+        meta['wall_distance_mm'] = float(max(0.0, -(s_wall[mask > 0] if mask.any() else s_wall).max()))
     else: meta['wall_distance_mm'] = float('inf')
-    # scanner: blur (partial volume), then spatially correlated noise
-    # (white noise added before the blur comes out correlated like reconstructed CT noise)
-    sig = [p / s for p, s in zip(np.broadcast_to(cfg.psf_mm, (3,)), spacing)]
-    sd = cfg.noise_hu * math.exp(0.3 * rng.standard_normal())
-    img += (sd / math.sqrt(_gauss_var(sig))) * rng.standard_normal(shape, dtype=np.float32)
-    img = ndi.gaussian_filter(img, sig, truncate=3.0)
+    keep('wall', img)
+    img, sd = scanner(rng, cfg, img); keep('scanner', img)
     arr = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
     meta['diameter_mm'] = float(np.cbrt(6 * int(mask.sum()) * np.prod(spacing) / np.pi))
     meta['texture'] = 1 if kind == 'ground_glass' else (0 if kind == 'empty' else 5)
     meta['noise_hu'] = float(sd)
-    vol = CTVolume(arr, spacing, (0.0, 0.0, 0.0), np.eye(3))
-    return Case(f'phantom_{kind}_{seed}', vol, mask, meta)
+    return Case(f'phantom_{kind}_{seed}', CTVolume(arr, spacing, (0.0, 0.0, 0.0), np.eye(3)), mask, meta)
 
 # %% ../nbs/02_phantoms.ipynb #a59c578d
 def _iters(mm, spacing):
@@ -477,6 +557,29 @@ def roi_stats(image: np.ndarray,     # CT (z, y, x) in HU
                    edge_cnr=float((im[inner].mean() - im[outer].mean()) / out['noise_sd']) if outer.any() else nan,
                    diameter_mm=float(np.cbrt(6 * m.sum() * np.prod(spacing) / np.pi)),
                    wall_contact=wall_contact(im, m, spacing, wall=wall))
+    return out
+
+# %% ../nbs/02_phantoms.ipynb #bc69f22e
+def realism_stats(image: np.ndarray,     # CT (z, y, x) in HU
+                  mask: np.ndarray,      # nodule mask (may be empty)
+                  spacing=(1., 1., 1.),  # (z, y, x) mm, for the diameter
+                  clip=(-1200, 400),     # HU range the image is clipped to first (the LIDC sample's storage range)
+                  ring_vox: int = 2,     # width (voxels) of the ring around the nodule
+                  lung_below: float = -500.,  # lung voxels: below this HU and outside the ring
+                 ) -> dict:
+    "Edge contrast (nodule mean minus ring mean, HU), high-frequency lung noise (SD of a 3-voxel high-pass, HU), levels and diameter."
+    a = np.clip(np.asarray(image, np.float32), *clip); m = np.asarray(mask) > 0
+    near = ndi.binary_dilation(m, np.ones((3, 3, 3), bool), iterations=ring_vox) if m.any() else m   # every voxel within ring_vox steps, diagonals too
+    lung = (a < lung_below) & ~near
+    hp = a - ndi.uniform_filter(a, 3)
+    nan = float('nan')
+    out = dict(hf_noise=float(hp[lung].std()) if lung.any() else nan, lung_median=float(np.median(a[lung])) if lung.any() else nan,
+               edge_contrast=nan, nodule_mean=nan, ring_mean=nan, diameter_mm=0.0)
+    if m.any():
+        ring = near & ~m
+        out.update(nodule_mean=float(a[m].mean()), ring_mean=float(a[ring].mean()),
+                   diameter_mm=float(np.cbrt(6 * m.sum() * np.prod(spacing) / np.pi)))
+        out['edge_contrast'] = out['nodule_mean'] - out['ring_mean']
     return out
 
 # %% ../nbs/02_phantoms.ipynb #a73131f9
