@@ -334,8 +334,8 @@ def summary(res: ExperimentResult,      # from `run_experiment`
     empty = count(np.isinf(raw['hd']))
     extra = dict(misses=count(raw['missed'] > 0), n=units.groupby('variant').size().loc[order]) if misses else {}
     if not fmt:
-        out = pd.concat({'mean': mean, 'std': std}, axis=1); out['empty'] = empty
-        for k, v in extra.items(): out[k] = v
+        out = pd.concat({'mean': mean, 'std': std}, axis=1); out[('empty', '')] = empty   # out['empty'] still reads it
+        for k, v in extra.items(): out[(k, '')] = v
         return out
     cell = lambda m, s: f'{m:.{digits}f}' + (f' ± {s:.{digits}f}' if np.isfinite(s) else '')
     names = {**METRICS, **CAPPED}
