@@ -19,10 +19,10 @@ from .baselines import MODEL_NAMES, build_model
 from .data import _atomic_write
 from .blocks import SegOutput, count_params
 from .metrics import total_loss
-from .train import TrainConfig, make_adam
+from .train import TrainConfig, make_adam, train_step, _autocast, _grad_scaler, _to_float, _loss
 
 # %% auto #0
-__all__ = ['BenchConfig', 'PeakMemory', 'make_batch', 'prepare', 'train_step_times', 'latency_ms', 'train_flops',
+__all__ = ['BenchConfig', 'PeakMemory', 'make_batch', 'prepare', 'train_config', 'train_step_times', 'latency_ms', 'train_flops',
            'monai_unet_like', 'compare_with_monai', 'step_phases', 'op_kinds', 'plain_dilated', 'cut_gains',
            'isolated_ms', 'component_shares', 'measure_model', 'machine_info', 'run_benchmarks', 'results_table',
            'main', 'show_results', 'bench_segment', 'thread_contention', 'contention_table']
@@ -40,7 +40,7 @@ class BenchConfig:
     repeats: int = 5 # interleaved repeats of the lungseg-vs-MONAI comparison
     latency_reps: int = 5 # timed single-patch forward passes
     device: str = 'cpu' # 'cpu' or 'cuda'
-    bf16: bool = False # bf16 autocast (GPU path)
+    bf16: bool = False # mixed precision as `fit` runs it (`TrainConfig.amp`: bf16, or fp16 with a grad scaler; CUDA only)
     channels_last: bool = False # channels_last memory format (GPU path)
     compile: bool = False # torch.compile the model (GPU path)
     threads: int|None = None # torch CPU threads (None: leave torch's default)
@@ -125,9 +125,15 @@ def _to_device(batch, cfg):
     if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
     return x, m, h
 
-def _autocast(cfg: BenchConfig):
-    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
+def train_config(cfg: BenchConfig) -> TrainConfig:
+    "The `TrainConfig` under which `fit` runs the step being timed: Adam's settings, amp (`cfg.bf16`), channels_last, the device."
+    return TrainConfig(device=cfg.device, amp=cfg.bf16, channels_last=cfg.channels_last, progress=False, live_plot=False)
 
+def _amp(cfg: BenchConfig):
+    "`fit`'s autocast context (`lungseg.train._autocast`) for these settings."
+    return _autocast(torch.device(cfg.device), train_config(cfg))
+
+# %% ../nbs/11_bench.ipynb #6aa00440
 def _timed(fn, device, warmup: int, n: int) -> list[float]:
     "Seconds per call of `fn()`, `n` calls after `warmup` untimed ones, the device synchronised around each."
     device, ts = torch.device(device), []
@@ -147,17 +153,13 @@ def train_step_times(model: nn.Module, # a prepared model (see `prepare`)
                      batch: tuple|None=None, # (x, mask, has_nodule); default `make_batch(cfg)`
                      opt: torch.optim.Optimizer|None=None, # default: `fit`'s Adam (`make_adam`, lr 1e-3, weight decay 1e-8)
                     ) -> list[float]:
-    "Seconds per training step (forward, Eq. 7 loss, backward, Adam), `cfg.steps` of them after `cfg.warmup`."
-    x, mask, has = _to_device(batch if batch is not None else make_batch(cfg), cfg)
-    opt = opt or make_adam(model.parameters(), TrainConfig())
+    "Seconds per training step: `lungseg.train.train_step`, the step `fit` runs, `cfg.steps` times after `cfg.warmup`."
+    tcfg, device = train_config(cfg), torch.device(cfg.device)
+    batch = _to_device(batch if batch is not None else make_batch(cfg), cfg)
+    opt = opt or make_adam(model.parameters(), tcfg)
+    scaler = _grad_scaler(device, tcfg)   # fp16 on a GPU without bf16, as in fit
     model.train()
-    def step():
-        with _autocast(cfg):
-            out = model(x)
-        loss, _ = total_loss(out, mask, has)
-        opt.zero_grad(set_to_none=True)
-        loss.backward(); opt.step()
-    return _timed(step, cfg.device, cfg.warmup, cfg.steps)
+    return _timed(lambda: train_step(model, batch, opt, tcfg, device, scaler), cfg.device, cfg.warmup, cfg.steps)
 
 @torch.no_grad()
 def latency_ms(model: nn.Module, cfg: BenchConfig) -> float:
@@ -165,7 +167,7 @@ def latency_ms(model: nn.Module, cfg: BenchConfig) -> float:
     x = _to_device(make_batch(replace(cfg, batch=1)), cfg)[0]
     model.eval()
     def forward():
-        with _autocast(cfg): model(x)
+        with _amp(cfg): model(x)
     return 1e3 * statistics.median(_timed(forward, cfg.device, cfg.warmup, cfg.latency_reps))
 
 def train_flops(model: nn.Module, # moved to the CPU for the count
@@ -216,13 +218,14 @@ def step_phases(model: nn.Module, # a prepared model
     "Median milliseconds per phase of a training step (forward, loss, backward, optimiser), after `cfg.warmup` steps."
     device = torch.device(cfg.device)
     x, mask, has = _to_device(batch if batch is not None else make_batch(cfg), cfg)
-    opt = opt or make_adam(model.parameters(), TrainConfig()); model.train()
+    tcfg = train_config(cfg)
+    opt = opt or make_adam(model.parameters(), tcfg); model.train()
     ts = {k: [] for k in ('forward', 'loss', 'backward', 'optimiser')}
     for i in range(cfg.warmup + cfg.steps):
         clock = [time.perf_counter()]
         def tick(): _sync(device); clock.append(time.perf_counter())
-        with _autocast(cfg): out = model(x)
-        tick(); loss, _ = total_loss(out, mask, has); tick()
+        with _autocast(device, tcfg): out = _to_float(model(x))   # train_step's pieces, with a clock between them
+        tick(); loss = _loss(out, mask, has, tcfg); tick()
         opt.zero_grad(set_to_none=True); loss.backward(); tick(); opt.step(); tick()
         if i >= cfg.warmup:
             for k, a, b in zip(ts, clock[:-1], clock[1:]): ts[k].append(1e3 * (b - a))
@@ -314,13 +317,13 @@ def isolated_ms(model: nn.Module, # a prepared model
     def keep(i): return lambda mod, args, out: seen.__setitem__(i, [a.detach() if torch.is_tensor(a) else a for a in args])
     hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
     try:
-        with torch.no_grad(), _autocast(cfg): model.train()(x)     # one forward, to capture each module's inputs
+        with torch.no_grad(), _amp(cfg): model.train()(x)     # one forward, to capture each module's inputs
     finally:
         for h in hooks: h.remove()
     def run_alone():
         for i, m in enumerate(modules):
             args = [a.clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in seen[i]]
-            with _autocast(cfg): out = m(*args)
+            with _amp(cfg): out = m(*args)
             out.float().sum().backward()
     ts = _timed(run_alone, cfg.device, cfg.warmup, cfg.steps)
     for m in modules: m.zero_grad(set_to_none=True)

@@ -20,9 +20,10 @@ from .metrics import segmentation_metrics, legend
 
 # %% auto #0
 __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets',
-           'train_variant', 'pretrain_proposed', 'ExperimentResult', 'run_experiment', 'summary', 'show',
-           'paired_bootstrap', 'bootstrap_table', 'roc_auc', 'calibration', 'expected_calibration_error',
-           'classifier_report', 'reliability_plot', 'comparison_figure', 'table_legend', 'quickstart']
+           'train_variant', 'pretrain_proposed', 'ExperimentResult', 'experiment_split', 'cross_validate',
+           'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap', 'bootstrap_table', 'roc_auc',
+           'calibration', 'expected_calibration_error', 'classifier_report', 'reliability_plot', 'comparison_figure',
+           'table_legend', 'quickstart']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -179,6 +180,12 @@ class ExperimentResult:
         self.cls.to_csv(folder / f'{self.name}_classifier.csv')
         (folder / f'{self.name}_protocol.json').write_text(json.dumps(dict(config=self.config, split=self.split, seconds=self.seconds), indent=1, default=str))
 
+def _jsonable(d):
+    if isinstance(d, dict): return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)): return [_jsonable(v) for v in d]
+    return d
+
+# %% ../nbs/09_experiments.ipynb #f3fa97fd
 def _mid_slice(mask: np.ndarray) -> int:
     "The slice with the largest nodule area (the middle slice when the mask is empty)."
     a = mask.reshape(len(mask), -1).sum(1)
@@ -201,6 +208,7 @@ def _case_metrics(prob: np.ndarray, case, threshold: float) -> dict:
     if one_empty: m.update(hd=np.inf, hd95=np.inf, assd=np.inf)
     return dict(m, **capped, missed=float(m['tp'] + m['fn'] > 0 and m['tp'] + m['fp'] == 0), diag_mm=diag)
 
+# %% ../nbs/09_experiments.ipynb #3e6b2f1f
 def _pick_split(cases: list, groups: list, tr: np.ndarray, va: np.ndarray, frac: float, seed: int) -> tuple:
     "(train, pick) indices: `pick` chooses the epoch. frac > 0: a `frac` share of the training groups that hold a nodule; too few: none (last epoch)."
     if frac <= 0: return tr, va
@@ -210,6 +218,64 @@ def _pick_split(cases: list, groups: list, tr: np.ndarray, va: np.ndarray, frac:
     pick = nod[np.asarray(b)]
     return np.asarray([i for i in tr if i not in set(pick.tolist())]), pick
 
+def experiment_split(cases: list, ecfg: ExperimentConfig) -> dict:
+    "Indices into `cases`: the held-out test cases, the k (train, validation) folds of the rest, and each fold's (fit, pick) inner split."
+    groups = case_groups(cases)
+    seed = int(ecfg.seeds[0])
+    tv, te = holdout_split(groups, ecfg.test_frac, seed)
+    tv, te = np.asarray(tv), np.asarray(te)
+    if len(tv) < max(ecfg.k, 2): raise ValueError(f"{len(tv)} training cases cannot make {ecfg.k} folds: use more cases or a smaller k.")
+    if ecfg.k == 1:   # one split: 20% of the training cases validate (quick runs)
+        a, b = holdout_split([groups[i] for i in tv], 0.2, seed)
+        folds = [(tv[np.asarray(a)], tv[np.asarray(b)])]
+    else:
+        folds = [(tv[np.asarray(a)], tv[np.asarray(b)]) for a, b in kfold_split([groups[i] for i in tv], ecfg.k, seed)]
+    picks = [_pick_split(cases, groups, tr, va, ecfg.inner_frac, seed) for tr, va in folds]
+    return dict(seed=seed, test=te, folds=folds, picks=picks)
+
+# %% ../nbs/09_experiments.ipynb #8e0fad16
+def cross_validate(v: Variant, seed: int, cases: list,
+                   split: dict,                          # from `experiment_split`
+                   ecfg: ExperimentConfig,
+                   pretrained: Optional[dict] = None,    # pretrained weights for v.pretrained
+                   out_dir=None, name: str = 'custom',   # checkpoints go to out_dir/runs/<name>_<label>_s<seed>_f<fold>
+                   progress: bool = False, bar=None) -> tuple:
+    "Train variant `v` on every fold and score each fold model on its validation cases; returns (fold models, cv rows)."
+    roi, models, rows = _roi(ecfg.preset), [], []
+    for f, ((tr, va), (fit_idx, pick_idx)) in enumerate(zip(split['folds'], split['picks'])):
+        if bar is not None: bar.set_postfix_str(f'{v.label}, seed {seed}, fold {f + 1}/{ecfg.k}')
+        od = None if out_dir is None else Path(out_dir) / 'runs' / f'{name}_{v.label}_s{seed}_f{f}'.replace(' ', '_').replace('/', '-')
+        m, h = train_variant(v, cases, fit_idx, pick_idx, ecfg, seed, pretrained, out_dir=od, progress=progress)
+        for i in va:
+            pc = predict_case(m, cases[i], roi, c_oracle=_labels(cases[i]) if v.oracle_c else None)
+            rows.append(dict(variant=v.label, seed=seed, fold=f, case_id=cases[i].case_id,
+                             best_epoch=h.best_epoch, **_case_metrics(pc['prob'], cases[i], ecfg.threshold)))
+        models.append(m)
+        if bar is not None: bar.update(1)
+    return models, rows
+
+# %% ../nbs/09_experiments.ipynb #3b3b5f2d
+def test_ensemble(v: Variant, seed: int,
+                  models: list,                # the fold models of `v` (from `cross_validate`)
+                  cases: list, test_idx,       # all cases, and the indices of the held-out ones
+                  ecfg: ExperimentConfig,
+                  keep_examples: bool = True) -> tuple:   # keep the largest-nodule slice of each case for `comparison_figure`
+    "Score the held-out cases with the fold models' mean probability; returns (test rows, classifier rows, examples)."
+    roi, test_rows, cls_rows, examples = _roi(ecfg.preset), [], [], {}
+    for i in test_idx:
+        c = cases[i]
+        pc = predict_case(models, c, roi, c_oracle=_labels(c) if v.oracle_c else None)
+        test_rows.append(dict(variant=v.label, seed=seed, case_id=c.case_id, **_case_metrics(pc['prob'], c, ecfg.threshold)))
+        labels = _labels(c)
+        if pc['cls'] is not None and not v.oracle_c:
+            cls_rows += [dict(variant=v.label, seed=seed, case_id=c.case_id, z=z, prob=float(p), label=int(l))
+                         for z, (p, l) in enumerate(zip(pc['cls'], labels))]
+        if keep_examples:
+            z = _mid_slice(np.asarray(c.mask))
+            examples[(v.label, c.case_id)] = (z, np.asarray(c.image.array[z]), np.asarray(c.mask[z]), (pc['prob'][z] > ecfg.threshold).astype(np.uint8))
+    return test_rows, cls_rows, examples
+
+# %% ../nbs/09_experiments.ipynb #6e0304c7
 def run_experiment(table,                         # 'table1' / 'table2' / 'table3', or a list of `Variant`s
                    cases: list,                   # the target cases (e.g. `load_cases('lidc')`)
                    ecfg: Optional[ExperimentConfig] = None,
@@ -222,59 +288,24 @@ def run_experiment(table,                         # 'table1' / 'table2' / 'table
     variants = TABLES[table] if isinstance(table, str) else list(table)
     name = name or (table if isinstance(table, str) else 'custom')
     t0 = time.time()
-    roi = _roi(ecfg.preset)
-    groups = case_groups(cases)
-    split_seed = int(ecfg.seeds[0])
-    tv, te = holdout_split(groups, ecfg.test_frac, split_seed)
-    tv, te = np.asarray(tv), np.asarray(te)
-    if len(tv) < max(ecfg.k, 2): raise ValueError(f"{len(tv)} training cases cannot make {ecfg.k} folds: use more cases or a smaller k.")
-    if ecfg.k == 1:   # one split: 20% of the training cases validate (quick runs)
-        a, b = holdout_split([groups[i] for i in tv], 0.2, split_seed)
-        folds = [(tv[np.asarray(a)], tv[np.asarray(b)])]
-    else:
-        folds = [(tv[np.asarray(a)], tv[np.asarray(b)]) for a, b in kfold_split([groups[i] for i in tv], ecfg.k, split_seed)]
-    picks = [_pick_split(cases, groups, tr, va, ecfg.inner_frac, split_seed) for tr, va in folds]
-    pre = {}
-    cv_rows, test_rows, cls_rows, examples = [], [], [], {}
+    split = experiment_split(cases, ecfg)
+    pre, cv_rows, test_rows, cls_rows, examples = {}, [], [], [], {}
     bar = tqdm(total=len(variants) * len(ecfg.seeds) * ecfg.k, desc=name, unit='model', disable=not progress)
     for v in variants:
         for seed in ecfg.seeds:
             if v.pretrained and seed not in pre:
                 bar.set_postfix_str(f'pretraining on {ecfg.pretrain_cases} phantoms' if pretrain_cases is None else 'pretraining')
                 pre[seed] = pretrain_proposed(ecfg, pretrain_cases, seed=seed)
-            models = []
-            for f, ((tr, va), (fit_idx, pick_idx)) in enumerate(zip(folds, picks)):
-                bar.set_postfix_str(f'{v.label}, seed {seed}, fold {f + 1}/{ecfg.k}')
-                od = None if out_dir is None else Path(out_dir) / 'runs' / f'{name}_{v.label}_s{seed}_f{f}'.replace(' ', '_').replace('/', '-')
-                m, h = train_variant(v, cases, fit_idx, pick_idx, ecfg, seed, pre.get(seed), out_dir=od, progress=progress)
-                for i in va:
-                    pc = predict_case(m, cases[i], roi, c_oracle=_labels(cases[i]) if v.oracle_c else None)
-                    cv_rows.append(dict(variant=v.label, seed=seed, fold=f, case_id=cases[i].case_id,
-                                        best_epoch=h.best_epoch, **_case_metrics(pc['prob'], cases[i], ecfg.threshold)))
-                models.append(m); bar.update(1)
-            for i in te:
-                c = cases[i]
-                pc = predict_case(models, c, roi, c_oracle=_labels(c) if v.oracle_c else None)
-                test_rows.append(dict(variant=v.label, seed=seed, case_id=c.case_id, **_case_metrics(pc['prob'], c, ecfg.threshold)))
-                labels = _labels(c)
-                if pc['cls'] is not None and not v.oracle_c:
-                    cls_rows += [dict(variant=v.label, seed=seed, case_id=c.case_id, z=z, prob=float(p), label=int(l))
-                                 for z, (p, l) in enumerate(zip(pc['cls'], labels))]
-                if seed == ecfg.seeds[0]:
-                    z = _mid_slice(np.asarray(c.mask))
-                    examples[(v.label, c.case_id)] = (z, np.asarray(c.image.array[z]), np.asarray(c.mask[z]), (pc['prob'][z] > ecfg.threshold).astype(np.uint8))
+            models, cv = cross_validate(v, seed, cases, split, ecfg, pre.get(seed), out_dir, name, progress, bar)
+            te, cl, ex = test_ensemble(v, seed, models, cases, split['test'], ecfg, keep_examples=seed == ecfg.seeds[0])
+            cv_rows += cv; test_rows += te; cls_rows += cl; examples.update(ex)
     bar.close()
+    ids = lambda idx: [cases[i].case_id for i in idx]
     res = ExperimentResult(name, _jsonable(asdict(ecfg)), pd.DataFrame(cv_rows), pd.DataFrame(test_rows), pd.DataFrame(cls_rows), examples,
-                           dict(split_seed=split_seed, test=[cases[i].case_id for i in te],
-                                folds=[[cases[i].case_id for i in va] for _, va in folds],
-                                pick=[[cases[i].case_id for i in p] for _, p in picks]), time.time() - t0)
+                           dict(split_seed=split['seed'], test=ids(split['test']), folds=[ids(va) for _, va in split['folds']],
+                                pick=[ids(p) for _, p in split['picks']]), time.time() - t0)
     if out_dir is not None: res.save(out_dir)
     return res
-
-def _jsonable(d):
-    if isinstance(d, dict): return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)): return [_jsonable(v) for v in d]
-    return d
 
 # %% ../nbs/09_experiments.ipynb #f357aef7
 CAPPED = {'hd_capped': 'HDc(mm)', 'assd_capped': 'ASSDc(mm)'}
@@ -303,8 +334,8 @@ def summary(res: ExperimentResult,      # from `run_experiment`
     empty = count(np.isinf(raw['hd']))
     extra = dict(misses=count(raw['missed'] > 0), n=units.groupby('variant').size().loc[order]) if misses else {}
     if not fmt:
-        out = pd.concat({'mean': mean, 'std': std}, axis=1); out['empty'] = empty
-        for k, v in extra.items(): out[k] = v
+        out = pd.concat({'mean': mean, 'std': std}, axis=1); out[('empty', '')] = empty   # out['empty'] still reads it
+        for k, v in extra.items(): out[(k, '')] = v
         return out
     cell = lambda m, s: f'{m:.{digits}f}' + (f' ± {s:.{digits}f}' if np.isfinite(s) else '')
     names = {**METRICS, **CAPPED}

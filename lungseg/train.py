@@ -20,7 +20,8 @@ from .metrics import total_loss, segmentation_metrics
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'pick_device', 'seed_everything', 'get_rng_state', 'set_rng_state',
            'save_checkpoint', 'load_checkpoint', 'EpochBatchSampler', 'overlap_from_counts', 'validate', 'History',
-           'LivePlot', 'TrainingError', 'make_adam', 'fit', 'model_spec', 'build_from_spec', 'load_trained']
+           'LivePlot', 'TrainingError', 'make_adam', 'NonFiniteLoss', 'train_step', 'Run', 'setup_run', 'train_epoch',
+           'end_epoch', 'fit', 'model_spec', 'build_from_spec', 'load_trained']
 
 # %% ../nbs/08_train.ipynb #6e48e27e
 @dataclass
@@ -217,10 +218,23 @@ def overlap_from_counts(tp: float, fp: float, fn: float) -> dict:
     d = lambda a, b: float(a) / float(b) if b > 0 else float('nan')
     return dict(precision=d(tp, tp + fp), sensitivity=d(tp, tp + fn), dice=d(2 * tp, 2 * tp + fp + fn), iou=d(tp, tp + fp + fn))
 
+# %% ../nbs/08_train.ipynb #a4f839d2
 def _autocast(device: torch.device, cfg: 'TrainConfig'):
+    "Mixed precision as `fit` runs it: on CUDA with `cfg.amp`, bf16 where supported, else fp16; nothing elsewhere."
     if device.type == 'cuda' and cfg.amp:
         return torch.autocast('cuda', dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return contextlib.nullcontext()
+
+def _grad_scaler(device: torch.device, cfg: 'TrainConfig'):
+    "The GradScaler that fp16 autocast needs (CUDA without bf16), else None."
+    fp16 = device.type == 'cuda' and cfg.amp and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler('cuda') if fp16 else None
+
+def _to_device(x, y, h, device: torch.device, cfg: 'TrainConfig') -> tuple:
+    "A batch on the device: images channels_last on CUDA when `cfg` asks, targets as float32."
+    x = x.to(device, non_blocking=True)
+    if device.type == 'cuda' and cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True).float(), h.to(device, non_blocking=True).float()
 
 def _to_float(out) -> SegOutput:
     "Model output as float32 `SegOutput` (autocast may return bf16)."
@@ -232,6 +246,7 @@ def _loss(out: SegOutput, mask, has_nodule, cfg: 'TrainConfig') -> torch.Tensor:
     r = total_loss(out, mask, has_nodule, w_seg_bce=cfg.w_seg_bce, w_cls_bce=cfg.w_cls_bce, per_sample=cfg.dice_per_sample)
     return r[0] if isinstance(r, tuple) else r
 
+# %% ../nbs/08_train.ipynb #ad8859b4
 @torch.no_grad()
 def validate(model: nn.Module,          # a lungseg model (or its DDP wrapper)
              ds: Dataset,               # yields (image, mask, has_nodule); `ds.slices.case_index` groups slices into cases
@@ -253,11 +268,8 @@ def validate(model: nn.Module,          # a lungseg model (or its DDP wrapper)
     try:
         for s in range(0, len(mine), batch_size):
             idx = mine[s:s + batch_size]
-            x, y, h = (torch.stack([torch.as_tensor(ds[int(i)][k]) for i in idx]) for k in range(3))
-            x = x.to(device)
-            if device.type == 'cuda' and cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
+            x, y, h = _to_device(*(torch.stack([torch.as_tensor(ds[int(i)][k]) for i in idx]) for k in range(3)), device, cfg)
             with _autocast(device, cfg): out = _to_float(model(x))
-            y, h = y.to(device).float(), h.to(device).float()
             loss_sum += torch.tensor([float(_loss(out, y, h, cfg)) * len(idx), len(idx)], dtype=torch.float64)
             pred = (torch.sigmoid(out.seg) > threshold).flatten(1)
             t = (y > 0.5).flatten(1)
@@ -347,6 +359,47 @@ def make_adam(params: list, # the tensors to train
     fused = all(p.device.type in ('cpu', 'cuda') and p.is_floating_point() for p in params)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
+# %% ../nbs/08_train.ipynb #d96c1614
+class NonFiniteLoss(TrainingError):
+    "The loss of a step is NaN or infinite; raised before the weights change."
+    def __init__(self, value: float):
+        self.value = value
+        super().__init__(f"The loss became {value}. Lower the learning rate, turn off mixed precision (amp=False), "
+                         "or check the data for NaN/inf values.")
+
+def train_step(model: nn.Module,            # a lungseg model (or its DDP wrapper), in train mode
+               batch: tuple,                # (image [b,1,H,W], mask [b,1,H,W], has_nodule [b]): this process's part of the batch
+               opt: torch.optim.Optimizer,  # e.g. `make_adam(params, cfg)`
+               cfg: TrainConfig,            # loss weights, amp, channels_last
+               device: torch.device,        # where the model is
+               scaler=None,                 # a `GradScaler` for fp16 autocast (`_grad_scaler`), else None
+               global_size: Optional[int] = None, # items in the global batch over all processes; default len(x) x world
+               stop: bool = False,          # this process asks to stop (Ctrl-C); shared with the others
+              ) -> tuple:
+    "One optimiser step: forward under autocast, Eq. 7 in float32, backward, Adam. Returns (mean loss of the global batch, stop asked anywhere)."
+    rank, world = _dist_info()
+    x, y, h = _to_device(*batch, device, cfg)
+    global_size = global_size or len(x) * world
+    try:
+        with _autocast(device, cfg): out = _to_float(model(x))
+        loss = _loss(out, y, h, cfg)
+        # under DDP, weight each rank's mean by its share of the global batch: gradients average to the global mean
+        scaled = loss * (len(x) * world / global_size)
+        lv = torch.stack([loss.detach().double() * len(x), torch.tensor(float(stop), dtype=torch.float64, device=loss.device)])
+        if world > 1: dist.all_reduce(lv)
+        lv, stop_now = float(lv[0]) / global_size, bool(lv[1] > 0)
+        if not math.isfinite(lv): raise NonFiniteLoss(lv)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(scaled).backward(); scaler.step(opt); scaler.update()
+        else:
+            scaled.backward(); opt.step()
+    except TrainingError: raise
+    except Exception as e:
+        if _is_oom(e): raise TrainingError(_oom_message(e, cfg, device)) from e
+        raise
+    return lv, stop_now
+
 # %% ../nbs/08_train.ipynb #9b02df93
 def _worker_init(worker_id: int) -> None:
     "Seed numpy and random in a DataLoader worker from torch's per-worker seed (module level: works under spawn)."
@@ -400,7 +453,167 @@ def _plain(x):
     if isinstance(x, Path): return str(x)
     return x
 
+# %% ../nbs/08_train.ipynb #b16943db
+def _check_data(train_ds, val_ds, resume: bool, out_dir) -> None:
+    "Refuse, before anything starts, data and options that cannot train."
+    if train_ds is None or len(train_ds) == 0:
+        raise ValueError("The training set is empty (0 slices). Check the data folder (images/ and masks/ with matching "
+                         "case names and non-empty masks) and the split; `lungseg.data.extract_slices` builds the slices.")
+    if val_ds is not None and len(val_ds) == 0:
+        raise ValueError("The validation set is empty (0 slices): use more cases, a different split, or val_ds=None.")
+    if val_ds is not None and _nodule_free(val_ds):
+        raise ValueError("No validation case has a nodule (every validation mask is empty), so the validation Dice that picks "
+                         "best.pt is undefined. Put cases with nodules in the validation set, or pass val_ds=None to keep the last epoch.")
+    if resume and out_dir is None: raise ValueError("resume=True needs out_dir (the folder that holds last.pt).")
+
+def _resume_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict:
+    "out_dir/last.pt, with a warning when its settings differ from `cfg` (the run would not match an uninterrupted one)."
+    last = out_dir / 'last.pt'
+    if not last.is_file(): raise FileNotFoundError(f"Cannot resume: no {last}. Start without resume (--resume) to train from scratch.")
+    ck = load_checkpoint(last)
+    old = TrainConfig.from_dict(ck['config'])
+    changed = [f.name for f in fields(TrainConfig) if f.name not in ('epochs', 'progress', 'live_plot', 'device', 'num_workers', 'mp_context')
+               and getattr(old, f.name) != getattr(cfg, f.name)]
+    if changed: warnings.warn(f"Resuming with settings that differ from the checkpoint's: {changed}; the run will not match an uninterrupted one.")
+    return ck
+
+def _place_model(model: nn.Module, cfg: TrainConfig, device: torch.device, rank: int, world: int) -> nn.Module:
+    "The model on the device (channels_last on CUDA), wrapped in DistributedDataParallel when there are several processes."
+    model = model.to(device)
+    if device.type == 'cuda' and cfg.channels_last: model = model.to(memory_format=torch.channels_last)
+    if world > 1:
+        if device.type == 'cuda' and cfg.sync_bn and not cfg.bn_eval: model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif not cfg.bn_eval and rank == 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            warnings.warn("DDP on CPU: BatchNorm statistics are per process (SyncBatchNorm needs a GPU), so 2 x 5 is not 1 x 10; bn_eval=True makes them equal.")
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                    find_unused_parameters=True)
+    return model
+
+def _make_loader(train_ds, cfg: TrainConfig, device: torch.device, rank: int, world: int) -> tuple:
+    "(sampler, loader): `EpochBatchSampler`'s global batches, this process's part of each."
+    sampler = EpochBatchSampler(len(train_ds), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == 'cuda', worker_init_fn=_worker_init)
+    if cfg.num_workers > 0: kw.update(persistent_workers=False, multiprocessing_context=cfg.mp_context, prefetch_factor=4)
+    return sampler, DataLoader(train_ds, batch_sampler=sampler, **kw)
+
+# %% ../nbs/08_train.ipynb #eb62d53b
+@dataclass
+class Run:
+    "A training run in progress: what `setup_run` built, and where the loop is."
+    model: nn.Module; cfg: TrainConfig; device: torch.device; rank: int; world: int
+    opt: torch.optim.Optimizer; sched: object; scaler: object; hist: History
+    sampler: EpochBatchSampler; loader: DataLoader; steps: int; spec: dict; out_dir: Optional[Path]
+    start_epoch: int = 0; start_step: int = 0   # where this call starts (a resumed run: possibly inside an epoch)
+    epoch: int = 0; step: int = 0               # where the loop is now
+    partial: dict = field(default_factory=lambda: dict(loss_sum=0., n=0))   # train-loss sum and steps of the current epoch
+    bar: object = field(default_factory=lambda: tqdm(disable=True)); live: object = None; t_epoch: float = 0.
+    def state(self, epoch: int, step: int, partial: dict) -> dict:
+        "The checkpoint at (epoch, step): weights, optimiser, schedule, scaler, RNG states, history, best, config and spec."
+        h = self.hist
+        return dict(model=_unwrap(self.model).state_dict(), optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None, rng=get_rng_state(),
+                    epoch=epoch, step=step, partial=_plain(partial), config=_plain(asdict(self.cfg)), spec=self.spec,
+                    history=_plain(h.records), best=_plain(dict(epoch=h.best_epoch, dice=h.best_dice)))
+
+def setup_run(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Optional[Path] = None, *,
+              resume: bool = False, spec: Optional[dict] = None) -> Run:
+    "Everything before the first step: process group, device, seeds or the resumed state, model, optimiser, schedule, batches."
+    rank, world, local_rank = _setup_distributed(cfg)
+    device = pick_device(cfg.device, local_rank)
+    spec = _plain(spec if spec is not None else getattr(_unwrap(model), 'spec', {}) or {})
+    ck = _resume_checkpoint(out_dir, cfg) if resume else None
+    if ck is None: seed_everything(cfg.seed)
+    model = _place_model(model, cfg, device, rank, world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params: raise ValueError("Every parameter of the model is frozen: nothing to train. Freeze fewer groups.")
+    opt = make_adam(params, cfg)
+    sched, scaler, hist = _scheduler(opt, cfg), _grad_scaler(device, cfg), History(out_dir=out_dir)
+    pos = {}
+    if ck is not None:
+        _unwrap(model).load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
+        if scaler is not None and ck.get('scaler'): scaler.load_state_dict(ck['scaler'])
+        set_rng_state(ck['rng'])
+        pos = dict(start_epoch=ck['epoch'], start_step=ck['step'], epoch=ck['epoch'], step=ck['step'], partial=dict(ck['partial']))
+        hist.records, hist.best_epoch, hist.best_dice = list(ck['history']), ck['best']['epoch'], ck['best']['dice']
+    sampler, loader = _make_loader(train_ds, cfg, device, rank, world)
+    steps = min(len(sampler.global_batches()), cfg.max_steps or len(train_ds))
+    return Run(model, cfg, device, rank, world, opt, sched, scaler, hist, sampler, loader, steps, spec, out_dir, **pos)
+
+# %% ../nbs/08_train.ipynb #32c11f71
+def _nan_message(r: Run, epoch: int, value: float) -> str:
+    "What to do when the loss of a step is not finite, and which checkpoint is still good."
+    last = r.out_dir / 'last.pt' if r.out_dir is not None else None
+    at = f", step {r.start_step}" if r.start_step and epoch == r.start_epoch else ''
+    where = f"the last good checkpoint is {last} (after epoch {epoch}{at})" if last is not None and last.exists() else "no checkpoint was written yet"
+    return (f"The loss became {value} at epoch {epoch + 1}, step {r.step + 1}; training stopped and {where}. "
+            f"Lower the learning rate (now {r.cfg.lr:g}), turn off mixed precision (amp=False), or check the data for NaN/inf values.")
+
+def train_epoch(r: Run,                # from `setup_run`
+                epoch: int,            # 0-based epoch
+                stop=None,             # a `_DeferInterrupt` (Ctrl-C asks to stop after the current step); None: never
+                on_step: Optional[Callable] = None) -> None: # called as on_step(epoch, step, loss) after every step
+    "The optimiser steps of one epoch; `r.step` and `r.partial` (the epoch's loss sum) follow the loop."
+    r.t_epoch = time.time()
+    r.sampler.set_epoch(epoch, start_batch=r.start_step if epoch == r.start_epoch else 0)
+    if epoch != r.start_epoch: r.partial = dict(loss_sum=0., n=0)
+    _train_mode(r.model, r.cfg.bn_eval)
+    global_sizes = [len(b) for b in r.sampler.global_batches()]
+    r.step = r.sampler.start_batch
+    for batch in r.loader:
+        if r.step >= r.steps: break
+        try: lv, stop_now = train_step(r.model, batch, r.opt, r.cfg, r.device, r.scaler, global_sizes[r.step], stop is not None and stop.hit)
+        except NonFiniteLoss as e: raise TrainingError(_nan_message(r, epoch, e.value)) from None
+        r.partial['loss_sum'] += lv; r.partial['n'] += 1
+        r.step += 1
+        r.bar.update(1)
+        r.bar.set_postfix(epoch=epoch + 1, loss=f"{lv:.3f}",
+                          dice=f"{r.hist.records[-1].get('val_dice', float('nan')):.3f}" if r.hist.records else '-', refresh=False)
+        if on_step is not None: on_step(epoch, r.step, lv)
+        if stop_now: raise KeyboardInterrupt
+
+# %% ../nbs/08_train.ipynb #f4416f9a
+def end_epoch(r: Run, epoch: int, val_ds: Optional[Dataset] = None) -> dict:
+    "After the last step of `epoch`: validate, record, step the schedule, keep the best weights, write checkpoints. Returns the record."
+    rec = dict(epoch=epoch + 1, lr=r.opt.param_groups[0]['lr'], train_loss=r.partial['loss_sum'] / max(r.partial['n'], 1))
+    if val_ds is not None and ((epoch + 1) % r.cfg.val_every == 0 or epoch + 1 == r.cfg.epochs):
+        rec.update({f'val_{k}': v for k, v in validate(r.model, val_ds, r.cfg, r.device).items()})
+    rec['seconds'] = time.time() - r.t_epoch
+    r.sched.step()
+    r.hist.records.append(_plain(rec))
+    vd, h = rec.get('val_dice', float('nan')), r.hist
+    improved = (val_ds is None) or (math.isfinite(vd) and not (vd < h.best_dice))   # NaN best -> first finite wins; a tie -> the later, more trained epoch
+    if improved:
+        h.best_epoch, h.best_dice = epoch + 1, (vd if val_ds is not None else float('nan'))
+        h.best_state = {k: v.detach().to('cpu', copy=True) for k, v in _unwrap(r.model).state_dict().items()}
+    if r.out_dir is not None and r.rank == 0:
+        st = r.state(epoch + 1, 0, dict(loss_sum=0., n=0))
+        save_checkpoint(st, r.out_dir / 'last.pt')
+        if improved: save_checkpoint(st, r.out_dir / 'best.pt')
+        h.frame().to_csv(r.out_dir / 'history.csv')
+    r.bar.set_postfix(epoch=epoch + 1, loss=f"{rec['train_loss']:.3f}", dice=f"{vd:.3f}")
+    if r.live is not None: r.live.update(h)
+    return rec
+
+def _save_interrupted(r: Run) -> None:
+    "Ctrl-C: mark the history interrupted and save `last.pt` at the loop's exact position (rank 0)."
+    r.hist.interrupted = True
+    if r.out_dir is not None and r.rank == 0:
+        save_checkpoint(r.state(r.epoch, r.step, r.partial), r.out_dir / 'last.pt')
+        print(f"\nInterrupted at epoch {r.epoch + 1}, step {r.step}: saved {r.out_dir / 'last.pt'}. "
+              f"Continue with resume=True (lungseg train ... --resume).", file=sys.stderr)
+    else:
+        print(f"\nInterrupted at epoch {r.epoch + 1}, step {r.step} (no out_dir: nothing saved).", file=sys.stderr)
+
 # %% ../nbs/08_train.ipynb #7ed66611
+def _progress(r: Run) -> tuple:
+    "(live plot or None, progress bar) for rank 0; the bar counts steps over the whole run."
+    live = LivePlot() if (r.cfg.live_plot and r.rank == 0 and _in_notebook()) else None
+    bar = tqdm(total=r.cfg.epochs * r.steps, initial=r.start_epoch * r.steps + r.start_step, disable=not r.cfg.progress or r.rank != 0,
+               desc=f"{r.spec.get('name', type(_unwrap(r.model)).__name__)} on {r.device.type}", unit='batch', dynamic_ncols=True,
+               mininterval=1.0, file=sys.stdout if not _in_notebook() else None)
+    return live, bar
+
 def fit(model: nn.Module,                  # any lungseg model: batch [B,1,H,W] -> SegOutput(seg, cls)
         train_ds: Dataset,                 # yields (image [1,H,W], mask [1,H,W], has_nodule)
         val_ds: Optional[Dataset] = None,  # validation set (best checkpoint by its Dice); None: keep the last epoch
@@ -414,162 +627,30 @@ def fit(model: nn.Module,                  # any lungseg model: batch [B,1,H,W] 
     "Train `model` with Adam and the loss of Eq. 7; validate every epoch; checkpoint every epoch; return the `History`."
     cfg = cfg or TrainConfig.small()
     t0 = time.time()
-    if train_ds is None or len(train_ds) == 0:
-        raise ValueError("The training set is empty (0 slices). Check the data folder (images/ and masks/ with matching "
-                         "case names and non-empty masks) and the split; `lungseg.data.extract_slices` builds the slices.")
-    if val_ds is not None and len(val_ds) == 0:
-        raise ValueError("The validation set is empty (0 slices): use more cases, a different split, or val_ds=None.")
-    if val_ds is not None and _nodule_free(val_ds):
-        raise ValueError("No validation case has a nodule (every validation mask is empty), so the validation Dice that picks "
-                         "best.pt is undefined. Put cases with nodules in the validation set, or pass val_ds=None to keep the last epoch.")
-    if resume and out_dir is None: raise ValueError("resume=True needs out_dir (the folder that holds last.pt).")
-    out_dir = Path(out_dir) if out_dir is not None else None
-    rank, world, local_rank = _setup_distributed(cfg)
-    device = pick_device(cfg.device, local_rank)
-    spec = _plain(spec if spec is not None else getattr(_unwrap(model), 'spec', {}) or {})
-
-    ck = None
-    if resume:
-        last = out_dir / 'last.pt'
-        if not last.is_file(): raise FileNotFoundError(f"Cannot resume: no {last}. Start without resume (--resume) to train from scratch.")
-        ck = load_checkpoint(last)
-        old = TrainConfig.from_dict(ck['config'])
-        changed = [f.name for f in fields(TrainConfig) if f.name not in ('epochs', 'progress', 'live_plot', 'device', 'num_workers', 'mp_context')
-                   and getattr(old, f.name) != getattr(cfg, f.name)]
-        if changed: warnings.warn(f"Resuming with settings that differ from the checkpoint's: {changed}; the run will not match an uninterrupted one.")
-    else:
-        seed_everything(cfg.seed)
-
-    model = model.to(device)
-    if device.type == 'cuda' and cfg.channels_last: model = model.to(memory_format=torch.channels_last)
-    if world > 1:
-        if device.type == 'cuda' and cfg.sync_bn and not cfg.bn_eval: model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif not cfg.bn_eval and rank == 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            warnings.warn("DDP on CPU: BatchNorm statistics are per process (SyncBatchNorm needs a GPU), so 2 x 5 is not 1 x 10; bn_eval=True makes them equal.")
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                                    find_unused_parameters=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params: raise ValueError("Every parameter of the model is frozen: nothing to train. Freeze fewer groups.")
-    opt = make_adam(params, cfg)
-    sched = _scheduler(opt, cfg)
-    amp_fp16 = device.type == 'cuda' and cfg.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler('cuda') if amp_fp16 else None
-
-    hist = History(out_dir=out_dir)
-    start_epoch, start_step, partial = 0, 0, dict(loss_sum=0., n=0)
-    if ck is not None:
-        _unwrap(model).load_state_dict(ck['model'])
-        opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
-        if scaler is not None and ck.get('scaler'): scaler.load_state_dict(ck['scaler'])
-        set_rng_state(ck['rng'])
-        start_epoch, start_step, partial = ck['epoch'], ck['step'], dict(ck['partial'])
-        hist.records = list(ck['history']); hist.best_epoch = ck['best']['epoch']; hist.best_dice = ck['best']['dice']
-        if start_epoch >= cfg.epochs:
-            if rank == 0: print(f"Nothing to do: the checkpoint has already trained {start_epoch} of {cfg.epochs} epochs.")
-            hist.seconds = time.time() - t0
-            return hist
-
-    sampler = EpochBatchSampler(len(train_ds), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
-    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == 'cuda', worker_init_fn=_worker_init)
-    if cfg.num_workers > 0:
-        loader_kw.update(persistent_workers=False, multiprocessing_context=cfg.mp_context, prefetch_factor=4)
-    loader = DataLoader(train_ds, batch_sampler=sampler, **loader_kw)
-    steps = len(sampler.global_batches())
-    if cfg.max_steps: steps = min(steps, cfg.max_steps)
-    live = LivePlot() if (cfg.live_plot and rank == 0 and _in_notebook()) else None
-    bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps + start_step, disable=not cfg.progress or rank != 0,
-               desc=f"{spec.get('name', type(_unwrap(model)).__name__)} on {device.type}", unit='batch', dynamic_ncols=True,
-               mininterval=1.0, file=sys.stdout if not _in_notebook() else None)
-
-    def state(epoch, step, part):
-        return dict(model=_unwrap(model).state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                    scaler=scaler.state_dict() if scaler is not None else None, rng=get_rng_state(),
-                    epoch=epoch, step=step, partial=_plain(part), config=_plain(asdict(cfg)), spec=spec,
-                    history=_plain(hist.records), best=_plain(dict(epoch=hist.best_epoch, dice=hist.best_dice)))
-
-    epoch, step = start_epoch, start_step
+    _check_data(train_ds, val_ds, resume, out_dir)
+    r = setup_run(model, train_ds, cfg, Path(out_dir) if out_dir is not None else None, resume=resume, spec=spec)
+    if r.start_epoch >= cfg.epochs:
+        if r.rank == 0: print(f"Nothing to do: the checkpoint has already trained {r.start_epoch} of {cfg.epochs} epochs.")
+        r.hist.seconds = time.time() - t0
+        return r.hist
+    r.live, r.bar = _progress(r)
     stop = _DeferInterrupt().__enter__()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            te = time.time()
-            sampler.set_epoch(epoch, start_batch=start_step if epoch == start_epoch else 0)
-            if epoch != start_epoch: partial = dict(loss_sum=0., n=0)
-            _train_mode(model, cfg.bn_eval)
-            global_sizes = [len(b) for b in sampler.global_batches()]
-            step = sampler.start_batch
-            for x, y, h in loader:
-                if step >= steps: break
-                x = x.to(device, non_blocking=True)
-                if device.type == 'cuda' and cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-                y, h = y.to(device, non_blocking=True).float(), h.to(device, non_blocking=True).float()
-                try:
-                    with _autocast(device, cfg): out = _to_float(model(x))
-                    loss = _loss(out, y, h, cfg)
-                    # under DDP, weight each rank's mean by its share of the global batch: gradients average to the global mean
-                    scaled = loss * (len(x) * world / global_sizes[step])
-                    lv = torch.stack([loss.detach().double() * len(x), torch.tensor(float(stop.hit), dtype=torch.float64, device=loss.device)])
-                    if world > 1: dist.all_reduce(lv)
-                    lv, stop_now = float(lv[0]) / global_sizes[step], bool(lv[1] > 0)
-                    if not math.isfinite(lv):
-                        where = (f"the last good checkpoint is {out_dir / 'last.pt'} (after epoch {epoch}{f', step {step}' if start_step and epoch == start_epoch else ''})"
-                                 if out_dir is not None and (out_dir / 'last.pt').exists() else "no checkpoint was written yet")
-                        raise TrainingError(f"The loss became {lv} at epoch {epoch + 1}, step {step + 1}; training stopped and {where}. "
-                                            f"Lower the learning rate (now {cfg.lr:g}), turn off mixed precision (amp=False), "
-                                            "or check the data for NaN/inf values.")
-                    opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(scaled).backward(); scaler.step(opt); scaler.update()
-                    else:
-                        scaled.backward(); opt.step()
-                except TrainingError: raise
-                except Exception as e:
-                    if _is_oom(e): raise TrainingError(_oom_message(e, cfg, device)) from e
-                    raise
-                partial['loss_sum'] += lv; partial['n'] += 1
-                step += 1
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{lv:.3f}",
-                                dice=f"{hist.records[-1].get('val_dice', float('nan')):.3f}" if hist.records else '-', refresh=False)
-                if on_step is not None: on_step(epoch, step, lv)
-                if stop_now: raise KeyboardInterrupt
-            rec = dict(epoch=epoch + 1, lr=opt.param_groups[0]['lr'], train_loss=partial['loss_sum'] / max(partial['n'], 1))
-            if val_ds is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                v = validate(model, val_ds, cfg, device)
-                rec.update({f'val_{k}': val for k, val in v.items()})
-            rec['seconds'] = time.time() - te
-            sched.step()
-            hist.records.append(_plain(rec))
-            vd = rec.get('val_dice', float('nan'))
-            improved = (val_ds is None) or (math.isfinite(vd) and not (vd < hist.best_dice))   # NaN best -> first finite wins; a tie -> the later, more trained epoch
-            if improved:
-                hist.best_epoch, hist.best_dice = epoch + 1, (vd if val_ds is not None else float('nan'))
-                hist.best_state = {k: v.detach().to('cpu', copy=True) for k, v in _unwrap(model).state_dict().items()}
-            if out_dir is not None and rank == 0:
-                st = state(epoch + 1, 0, dict(loss_sum=0., n=0))
-                save_checkpoint(st, out_dir / 'last.pt')
-                if improved: save_checkpoint(st, out_dir / 'best.pt')
-                hist.frame().to_csv(out_dir / 'history.csv')
-            bar.set_postfix(epoch=epoch + 1, loss=f"{rec['train_loss']:.3f}", dice=f"{vd:.3f}")
-            if live is not None: live.update(hist)
-            start_step = 0
-            if stop.hit and epoch + 1 < cfg.epochs:
-                epoch, step = epoch + 1, 0; partial = dict(loss_sum=0., n=0)
+        for epoch in range(r.start_epoch, cfg.epochs):
+            r.epoch = epoch
+            train_epoch(r, epoch, stop, on_step)
+            end_epoch(r, epoch, val_ds)
+            if stop.hit and epoch + 1 < cfg.epochs:       # Ctrl-C during the epoch's last step: stop at the epoch boundary
+                r.epoch, r.step, r.partial = epoch + 1, 0, dict(loss_sum=0., n=0)
                 raise KeyboardInterrupt
-        epoch = cfg.epochs
     except KeyboardInterrupt:
-        hist.interrupted = True
-        if out_dir is not None and rank == 0:
-            save_checkpoint(state(epoch, step, partial), out_dir / 'last.pt')
-            print(f"\nInterrupted at epoch {epoch + 1}, step {step}: saved {out_dir / 'last.pt'}. "
-                  f"Continue with resume=True (lungseg train ... --resume).", file=sys.stderr)
-        else:
-            print(f"\nInterrupted at epoch {epoch + 1}, step {step} (no out_dir: nothing saved).", file=sys.stderr)
+        _save_interrupted(r)
     finally:
         stop.__exit__(None, None, None)
-        bar.close()
-        if live is not None: live.close()
-    hist.seconds = time.time() - t0
-    return hist
+        r.bar.close()
+        if r.live is not None: r.live.close()
+    r.hist.seconds = time.time() - t0
+    return r.hist
 
 # %% ../nbs/08_train.ipynb #7c7f4ddb
 def model_spec(name: str,             # a `lungseg.baselines.MODEL_NAMES` entry
