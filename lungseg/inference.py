@@ -100,7 +100,8 @@ def run_models(models,                 # a model or a list of models (ensemble: 
     flips = [(), (-1,), (-2,)] if icfg.tta_flip else [()]
     prob, cls, n_cls = np.zeros(hu.shape, np.float32), np.zeros(len(hu), np.float32), 0
     for m in models:
-        was = m.training; m.eval()
+        was = [mod for mod in m.modules() if mod.training]   # eval mode here, each module's own mode back after
+        for mod in was: mod.training = False
         for s in range(0, len(x), icfg.batch_size):
             xb = x[s:s + icfg.batch_size].to(device).contiguous(memory_format=torch.channels_last)
             for f in flips:
@@ -109,7 +110,7 @@ def run_models(models,                 # a model or a list of models (ensemble: 
                 prob[s:s + len(xb)] += (p.flip(f) if f else p)[:, 0].cpu().numpy() / (len(models) * len(flips))
                 if out.cls is not None: cls[s:s + len(xb)] += torch.sigmoid(out.cls).cpu().numpy().reshape(-1) / len(flips)
         n_cls += out.cls is not None
-        m.train(was)
+        for mod in was: mod.training = True
     cls = cls / n_cls if n_cls else None
     if icfg.gate_cls and cls is not None: prob[cls < 0.5] = 0.
     return prob, cls
@@ -209,7 +210,8 @@ def axial_diameters(mask2d: np.ndarray, # one axial slice of a nodule mask (y, x
                     spacing_yx          # (row, col) pixel spacing, mm
                    ) -> tuple:
     "RECIST-style (longest diameter, longest perpendicular width) in mm of a 2D mask; NaN when empty."
-    pts = np.argwhere(mask2d) * np.asarray(spacing_yx, float)
+    m = np.asarray(mask2d, bool)
+    pts = np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(spacing_yx, float)   # edge pixels hold the hull's vertices
     if not len(pts): return float('nan'), float('nan')
     pix = float(np.mean(spacing_yx))   # pixel centres span one pixel less than the object
     hull = pts
@@ -219,7 +221,7 @@ def axial_diameters(mask2d: np.ndarray, # one axial slice of a nodule mask (y, x
     d = np.linalg.norm(hull[:, None] - hull[None], axis=-1)
     i, j = np.unravel_index(np.argmax(d), d.shape)
     u = (hull[j] - hull[i]) / d[i, j] if d[i, j] > 0 else np.array([1., 0.])
-    w = pts @ np.array([-u[1], u[0]])
+    w = hull @ np.array([-u[1], u[0]])   # a width is attained at hull vertices
     return float(d[i, j] + pix), float(w.max() - w.min() + pix)
 
 def measure_nodule(volume: CTVolume,  # the scan, HU
@@ -279,10 +281,11 @@ def _claim(labels: np.ndarray, rois: list, k: int, mask: np.ndarray, box: tuple)
 
 # %% ../nbs/12_segment.ipynb #08e45827
 def _view_axes(direction: np.ndarray) -> tuple:
-    "(array axes of the view, view axes to flip): view axis 0, 1, 2 runs along the patient z, y, x axis nearest to it, y and x increasing."
+    "(array axes of the view, view axes to flip): view axis 0, 1, 2 runs along the patient z, y, x axis nearest to it; reordered y and x increase."
     D = np.asarray(direction, float)   # column a = world direction of ITK index axis a (x, y, z), i.e. of array axis 2 - a
     perm = max(itertools.permutations(range(3)), key=lambda p: sum(abs(D[q, p[q]]) for q in range(3)))   # patient axis q -> index axis
     axes = tuple(2 - perm[q] for q in (2, 1, 0))
+    if axes == (0, 1, 2): return axes, ()   # stored as axial slices: used as stored, as `extract_slices` cut the training ROIs
     return axes, tuple(v for v in (1, 2) if D[2 - v, perm[2 - v]] < 0)
 
 def axial_view(volume: CTVolume  # a scan (or label volume) in any orientation

@@ -138,13 +138,13 @@ def restack(vol, axes, flips=()):
     return CTVolume(np.ascontiguousarray(arr), tuple(vol.spacing[a] for a in axes), tuple(vol.voxel_to_world(first)), np.stack(cols, 1))
 
 def test_any_orientation(setup, tmp_path):
-    "A chest stored as axial slices, as sagittal slices (axes permuted) and with reversed axes: the same nodules, labels in each input's own geometry."
+    "A chest stored as axial, sagittal or coronal slices (axes permuted, some reversed) or feet first: the same nodules, labels in each input's own geometry."
     d, ck, _ = setup
     chest = make_chest_phantom(5, seed=0, direction=np.eye(3))
     pts = pd.DataFrame([dict(x=n['centre_xyz'][0], y=n['centre_xyz'][1], z=n['centre_xyz'][2]) for n in chest.meta['nodules']])
     pts.to_csv(tmp_path / 'pts.csv', index=False)
     res = {}
-    for name, axes, flips in [('axial', (0, 1, 2), ()), ('sagittal', (2, 0, 1), (1,)), ('flipped', (0, 1, 2), (0, 2))]:
+    for name, axes, flips in [('axial', (0, 1, 2), ()), ('sagittal', (2, 0, 1), (1,)), ('coronal', (1, 0, 2), (2,)), ('feet_first', (0, 1, 2), (0,))]:
         img, truth = restack(chest.image, axes, flips), restack(chest.image.like(chest.meta['labels']), axes, flips)
         v = np.array([[0, 0, 0], [3, 17, 29], np.array(img.shape) - 1])   # every voxel keeps its world position
         old = np.zeros_like(v); n = np.array(chest.image.shape)
@@ -162,7 +162,7 @@ def test_any_orientation(setup, tmp_path):
         res[name] = pd.DataFrame([dict(dice=segmentation_metrics(arr == n['label'], truth.array == n['label'], img.spacing)['dice'],
                                        volume=table.loc[n['label'], 'volume_mm3'], x=table.loc[n['label'], 'x_mm']) for n in chest.meta['nodules']])
     print(pd.concat(res, axis=1).round(3).to_string())
-    for name in ('sagittal', 'flipped'):
+    for name in ('sagittal', 'coronal', 'feet_first'):
         np.testing.assert_allclose(res[name].dice, res['axial'].dice, atol=0.02)
         np.testing.assert_allclose(res[name].volume, res['axial'].volume, rtol=0.02, atol=1.)
         np.testing.assert_allclose(res[name].x, res['axial'].x, atol=0.1)   # centroids in world mm
