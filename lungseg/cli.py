@@ -10,54 +10,8 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['MODEL_CHOICES', 'cmd_segment', 'default_threads', 'build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment',
+__all__ = ['MODEL_CHOICES', 'default_threads', 'cmd_segment', 'build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment',
            'cmd_quickstart', 'cmd_bench', 'main']
-
-# %% ../nbs/09a_cli.ipynb #f00335f8
-def _add_segment_parser(sub):
-    "The `lungseg segment` subcommand and its options."
-    s = sub.add_parser('segment', help='segment and measure the marked nodules of CT scans with a trained checkpoint',
-                       description="For each nodule marked in --nodules (or --at), cut the ROI the checkpoint's model was trained on, "
-                                   "segment it and write to --out: labels.nii.gz (nodule k = label k, in the scan's exact geometry; for a DICOM "
-                                   "series also labels_seg.dcm, a DICOM SEG, when highdicom is installed), "
-                                   "nodules.csv and nodules.json (centroid, volume, diameters, HU, probabilities) and overview.png. "
-                                   "With a folder of scans: one sub-folder per seriesuid and a combined nodules.csv.")
-    s.add_argument('--checkpoint', required=True, help='a .pt file written by lungseg train (best.pt or last.pt)')
-    s.add_argument('--ct', required=True, help='a scan (NIfTI, MetaImage, NRRD, MHA, or a DICOM series folder), or a folder of scans')
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument('--nodules', help='CSV of nodule positions: seriesuid,coordX,coordY,coordZ[,diameter_mm] (LUNA16, world mm) or x,y,z')
-    g.add_argument('--at', help='one nodule at X,Y,Z (world mm; voxel indices with --voxel); write --at=X,Y,Z when X is negative')
-    s.add_argument('--voxel', action='store_true', help='positions are voxel indices (x = column, y = row, z = slice), not world mm')
-    s.add_argument('--out', required=True, help='output folder; must not exist or be empty (see --overwrite)')
-    s.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
-    s.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean over the slice and its two mirror images)')
-    s.add_argument('--gate', action='store_true', help="empty every slice whose classifier probability c is below 0.5 (models with a classifier)")
-    s.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
-    s.add_argument('--threads', type=int, default=None, help='CPU threads for torch')
-
-def _at_point(text: str):
-    "The one-row nodule table of `--at X,Y,Z`."
-    import pandas as pd
-    try: x, y, z = (float(p) for p in text.split(','))
-    except ValueError: raise ValueError(f"--at {text!r}: give three numbers X,Y,Z, e.g. --at=-43.1,82.3,-265") from None
-    df = pd.DataFrame(dict(seriesuid=[None], coordX=[x], coordY=[y], coordZ=[z], diameter_mm=[np.nan], line=[1]))
-    df.attrs['path'] = '--at'
-    return df
-
-def cmd_segment(a) -> int:
-    "`lungseg segment`: segment and measure the marked nodules of a scan (or a folder of scans)."
-    _setup_torch(a)
-    from lungseg.inference import InferConfig, load_segmenter, read_nodules_csv, segment_files
-    from lungseg.train import pick_device
-    model, roi = load_segmenter(a.checkpoint, pick_device(a.device))
-    points = read_nodules_csv(a.nodules) if a.nodules else _at_point(a.at)
-    t0 = time.time()
-    icfg = InferConfig(keep_centre=True, tta_flip=a.tta, gate_cls=a.gate)
-    table = segment_files(model, roi, a.ct, points, a.out, icfg, voxel=a.voxel, overwrite=a.overwrite)
-    cols = ['seriesuid', 'id', 'x_mm', 'y_mm', 'z_mm', 'volume_mm3', 'diameter_mm', 'long_axis_mm', 'short_axis_mm', 'touches_border']
-    print(table[cols].round(1).to_string(index=False))
-    print(f"wrote {a.out}: labels, nodules.csv, nodules.json, overview.png ({len(table)} nodules, {time.time() - t0:.1f} s)")
-    return 0
 
 # %% ../nbs/09a_cli.ipynb #6c950817
 _DATA_HELP = ("case folder (images/<id>.nii.gz + masks/<id>.nii.gz, any SimpleITK format or DICOM series folders), "
@@ -90,6 +44,7 @@ def _positive(s: str) -> float:
     if not (np.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"must be a positive number, e.g. 1e-3; got {s}")
     return v
 
+# %% ../nbs/09a_cli.ipynb #6bb20c4b
 def default_threads() -> int:
     "Default torch CPU threads: the cores this process may use, minus one (at least 1), so a busy neighbour cannot stall OpenMP."
     try: n = len(os.sched_getaffinity(0))
@@ -111,15 +66,9 @@ def _add_common(p, model=True, out_default=None):
     p.add_argument('--workers', type=_int_at_least(0), default=0, help='DataLoader worker processes (default 0: load in the main process)')
     p.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `lungseg` argument parser (subcommands quickstart, train, evaluate, experiment, bench)."
-    from lungseg import __version__
-    ap = argparse.ArgumentParser(prog='lungseg', description="Detection-guided lung nodule segmentation with STD regularisation "
-                                 "(Zhang et al.): train, evaluate and reproduce the paper's tables.",
-                                 epilog="Run 'lungseg COMMAND --help' for the options of a command.")
-    ap.add_argument('--version', action='version', version=f'lungseg {__version__}')
-    sub = ap.add_subparsers(dest='command', metavar='COMMAND')
-
+# %% ../nbs/09a_cli.ipynb #953146ad
+def _add_quickstart_parser(sub):
+    "The `lungseg quickstart` subcommand and its options."
     q = sub.add_parser('quickstart', help='generate phantoms, train the proposed model and U-Net (small preset), print the table, save a figure',
                        description="Generate synthetic CT phantoms, train the proposed model and a U-Net with the small preset, "
                                    "test both on held-out phantoms (whole volumes, 3D metrics in mm), print the table and save "
@@ -132,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
     q.add_argument('--seed', type=_int_at_least(0), default=0, help='seed of the phantoms, split and training (default 0)')
     q.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
+    return q
 
+# %% ../nbs/09a_cli.ipynb #41fb142a
+def _add_train_parser(sub):
+    "The `lungseg train` subcommand and its options."
     t = sub.add_parser('train', help='train one model on a case folder; checkpoints each epoch (resumable)',
                        description="Train one model. Cases are split by patient into training and validation (--val-frac); "
                                    "every epoch writes OUT/last.pt, and OUT/best.pt when the validation Dice improves. "
@@ -150,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--init', default=None, help='start from the weights of this checkpoint (transfer learning)')
     t.add_argument('--freeze', nargs='*', default=[], help='proposed model: groups to freeze (S1 S5 S9 C1 FC), with --init')
     _add_common(t)
+    return t
 
+# %% ../nbs/09a_cli.ipynb #3ed2dbda
+def _add_evaluate_parser(sub):
+    "The `lungseg evaluate` subcommand and its options."
     e = sub.add_parser('evaluate', help='segment every slice of every case and write per-case 3D metrics as JSON',
                        description="Segment every slice of every case volume in --data with the checkpoint's own model and "
                                    "preset (the whole volume of interest, so false positives on empty slices count), and "
@@ -161,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--out', default=None, help='JSON file to write (default: print to stdout only)')
     e.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
     e.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
+    return e
 
+# %% ../nbs/09a_cli.ipynb #d410f5c7
+def _add_experiment_parser(sub):
+    "The `lungseg experiment` subcommand and its options."
     x = sub.add_parser('experiment', help="reproduce Table 1 (models), 2 (transfer learning) or 3 (ablations) with CV and a test split",
                        description="Run a table of the paper: k-fold cross-validation on the training split, the held-out "
                                    "test split scored by the ensemble of the fold models, tables as mean ± std, paired "
@@ -175,9 +136,66 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--test-frac', type=_fraction, default=None, help='fraction of cases held out for testing, between 0 and 1 (default: small 0.2, paper 11/56)')
     x.add_argument('--out', default=None, help='folder for the tables (markdown), raw results (CSV) and protocol (JSON)')
     _add_common(x)
+    return x
 
-    _add_segment_parser(sub)
-    b = sub.add_parser('bench', add_help=False, help='benchmark every model (throughput, latency, memory) against MONAI; see lungseg bench --help',
+# %% ../nbs/09a_cli.ipynb #f00335f8
+def _add_segment_parser(sub):
+    "The `lungseg segment` subcommand and its options."
+    s = sub.add_parser('segment', help='segment and measure the marked nodules of CT scans with a trained checkpoint',
+                       description="For each nodule marked in --nodules (or --at), cut the ROI the checkpoint's model was trained on, "
+                                   "segment it and write to --out: labels.nii.gz (nodule k = label k, in the scan's exact geometry; for a DICOM "
+                                   "series also labels_seg.dcm, a DICOM SEG, with the optional extra: pip install \"lungseg[dicomseg]\"), "
+                                   "nodules.csv and nodules.json (centroid, volume, diameters, HU, probabilities) and overview.png. "
+                                   "With a folder of scans: one sub-folder per seriesuid and a combined nodules.csv.")
+    s.add_argument('--checkpoint', required=True, help='a .pt file written by lungseg train (best.pt or last.pt)')
+    s.add_argument('--ct', required=True, help='a scan (NIfTI, MetaImage, NRRD, MHA, or a DICOM series folder), or a folder of scans')
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument('--nodules', help='CSV of nodule positions: seriesuid,coordX,coordY,coordZ[,diameter_mm] (LUNA16, world mm) or x,y,z')
+    g.add_argument('--at', help='one nodule at X,Y,Z (world mm; voxel indices with --voxel); write --at=X,Y,Z when X is negative')
+    s.add_argument('--voxel', action='store_true', help='positions are voxel indices (x = column, y = row, z = slice), not world mm')
+    s.add_argument('--out', required=True, help='output folder; must not exist or be empty (see --overwrite)')
+    s.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    s.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean over the slice and its two mirror images)')
+    s.add_argument('--gate', action='store_true', help="empty every slice whose classifier probability c is below 0.5 (models with a classifier)")
+    s.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
+    s.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
+    return s
+
+def _at_point(text: str):
+    "The one-row nodule table of `--at X,Y,Z`."
+    import pandas as pd
+    try: x, y, z = (float(p) for p in text.split(','))
+    except ValueError: raise ValueError(f"--at {text!r}: give three numbers X,Y,Z, e.g. --at=-43.1,82.3,-265") from None
+    df = pd.DataFrame(dict(seriesuid=[None], coordX=[x], coordY=[y], coordZ=[z], diameter_mm=[np.nan], line=[1]))
+    df.attrs['path'] = '--at'
+    return df
+
+def cmd_segment(a) -> int:
+    "`lungseg segment`: segment and measure the marked nodules of a scan (or a folder of scans)."
+    _setup_torch(a)
+    from lungseg.inference import InferConfig, load_segmenter, read_nodules_csv, segment_files
+    from lungseg.train import pick_device
+    model, roi = load_segmenter(a.checkpoint, pick_device(a.device))
+    points = read_nodules_csv(a.nodules) if a.nodules else _at_point(a.at)
+    t0 = time.time()
+    icfg = InferConfig(keep_centre=True, tta_flip=a.tta, gate_cls=a.gate)
+    table = segment_files(model, roi, a.ct, points, a.out, icfg, voxel=a.voxel, overwrite=a.overwrite)
+    cols = ['seriesuid', 'id', 'x_mm', 'y_mm', 'z_mm', 'volume_mm3', 'diameter_mm', 'long_axis_mm', 'short_axis_mm', 'touches_border']
+    print(table[cols].round(1).to_string(index=False))
+    print(f"wrote {a.out}: labels, nodules.csv, nodules.json, overview.png ({len(table)} nodules, {time.time() - t0:.1f} s)")
+    return 0
+
+# %% ../nbs/09a_cli.ipynb #1a856c68
+def build_parser() -> argparse.ArgumentParser:
+    "The `lungseg` argument parser (subcommands quickstart, train, evaluate, experiment, segment, bench)."
+    from lungseg import __version__
+    ap = argparse.ArgumentParser(prog='lungseg', description="Detection-guided lung nodule segmentation with STD regularisation "
+                                 "(Zhang et al.): train, evaluate and reproduce the paper's tables.",
+                                 epilog="Run 'lungseg COMMAND --help' for the options of a command.")
+    ap.add_argument('--version', action='version', version=f'lungseg {__version__}')
+    sub = ap.add_subparsers(dest='command', metavar='COMMAND')
+    for add in (_add_quickstart_parser, _add_train_parser, _add_evaluate_parser, _add_experiment_parser, _add_segment_parser): add(sub)
+    sub.add_parser('bench', add_help=False, help='benchmark every model (throughput, latency, memory) against MONAI; see lungseg bench --help',
                        description='Run lungseg.bench: the options are those of python -m lungseg.bench.')
     return ap
 
@@ -206,6 +224,7 @@ def _write_output(path: Path, text: str, opt: str):
     try: _atomic_write(Path(path), lambda p: Path(p).write_text(text))
     except OSError as e: raise OSError(e.errno, f"cannot write {opt} {path}: {e.strerror}") from None
 
+# %% ../nbs/09a_cli.ipynb #d96b801c
 def _train_config(preset: str, recipe: str, a):
     from lungseg.train import TrainConfig
     if preset == 'small': cfg = TrainConfig.small(schedule='constant') if recipe == 'pretrain' else TrainConfig.small()
@@ -234,13 +253,10 @@ def _check_split(cases: list, data, n_needed: int, what: str):
                          f"from at least {n_needed} patients (cases of one patient always stay on the same side of a split).")
     return groups
 
-def cmd_train(a) -> int:
-    "`lungseg train`: split the cases, train one model, checkpoint to --out."
-    _setup_torch(a)
-    from lungseg.train import TrainConfig, fit, model_spec, build_from_spec, pick_device, load_checkpoint
-    from lungseg.experiments import load_cases, slice_datasets, _roi
-    from lungseg.data import holdout_split
-    out = Path(a.out)
+# %% ../nbs/09a_cli.ipynb #b6fc7b22
+def _train_setup(a, out: Path) -> tuple:
+    "(spec, TrainConfig, val_frac, seed) of a new run, or of the run in --out that --resume continues."
+    from lungseg.train import TrainConfig, model_spec, pick_device, load_checkpoint
     if a.resume:
         if not (out / 'last.pt').is_file():
             raise FileNotFoundError(f"Cannot resume: there is no {out / 'last.pt'}. Run without --resume to start training in {out}.")
@@ -259,6 +275,33 @@ def cmd_train(a) -> int:
         val_frac, seed = a.val_frac, a.seed
         if (out / 'last.pt').exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): add --resume to continue it, or choose another --out.")
+    return spec, cfg, val_frac, seed
+
+# %% ../nbs/09a_cli.ipynb #9351cf21
+def _init_model(a, spec: dict):
+    "The model of `spec`, started from --init's weights and with --freeze's groups frozen when they are given."
+    from lungseg.train import build_from_spec, load_checkpoint
+    model = build_from_spec(spec)
+    if not a.resume and a.init:
+        init = load_checkpoint(a.init)
+        try: model.load_state_dict(init['model'])
+        except RuntimeError as e:
+            raise ValueError(f"--init {a.init} holds a {init.get('spec', {}).get('name')} ({init.get('spec', {}).get('preset')}) model "
+                             f"that does not fit {spec['name']} ({spec['preset']}): {str(e).splitlines()[0]}") from e
+        spec['init'] = str(a.init)
+    if not a.resume and a.freeze:
+        from lungseg.models import freeze_groups
+        freeze_groups(model, list(a.freeze)); spec['freeze'] = list(a.freeze)
+    return model
+
+def cmd_train(a) -> int:
+    "`lungseg train`: split the cases, train one model, checkpoint to --out."
+    _setup_torch(a)
+    from lungseg.train import fit
+    from lungseg.experiments import load_cases, slice_datasets, _roi
+    from lungseg.data import holdout_split
+    out = Path(a.out)
+    spec, cfg, val_frac, seed = _train_setup(a, out)
     _probe_dir(out, '--out')
     cases = load_cases(a.data, seed=seed)
     tv, va = holdout_split(_check_split(cases, a.data, 2, 'training with validation'), val_frac, seed)
@@ -273,17 +316,7 @@ def cmd_train(a) -> int:
     print(f"{len(cases)} cases: {len(tv)} training ({len(tr_ds)} slices), {len(va)} validation ({len(va_ds)} slices)")
     from lungseg.train import seed_everything
     seed_everything(cfg.seed)
-    model = build_from_spec(spec)
-    if not a.resume and a.init:
-        init = load_checkpoint(a.init)
-        try: model.load_state_dict(init['model'])
-        except RuntimeError as e:
-            raise ValueError(f"--init {a.init} holds a {init.get('spec', {}).get('name')} ({init.get('spec', {}).get('preset')}) model "
-                             f"that does not fit {spec['name']} ({spec['preset']}): {str(e).splitlines()[0]}") from e
-        spec['init'] = str(a.init)
-    if not a.resume and a.freeze:
-        from lungseg.models import freeze_groups
-        freeze_groups(model, list(a.freeze)); spec['freeze'] = list(a.freeze)
+    model = _init_model(a, spec)
     hist = fit(model, tr_ds, va_ds, cfg, out, resume=a.resume, spec=spec)
     if hist.interrupted:
         print(f"Interrupted; resume with: lungseg train --data {a.data} --out {out} --resume", file=sys.stderr)
@@ -293,6 +326,7 @@ def cmd_train(a) -> int:
           f"{out / 'best.pt'} ({hist.seconds:.0f} s)")
     return 0
 
+# %% ../nbs/09a_cli.ipynb #ee8182f3
 _METRIC_LEGEND = ("precision, sensitivity, dice, iou: overlap of the predicted and true nodule voxels over the whole volume; "
                   "hd, hd95, assd: Hausdorff distance, its 95th percentile and the average symmetric surface distance, in mm. "
                   "Means skip undefined values: NaN (e.g. precision when nothing is predicted, Dice when both are empty) and "
@@ -328,6 +362,7 @@ def cmd_evaluate(a) -> int:
     if not a.out: print(text)
     return 0
 
+# %% ../nbs/09a_cli.ipynb #9e7396b2
 def _publish(staging: Path, out: Path):
     "Move every entry of the finished `staging` folder into `out` (replacing entries of the same name), then remove `staging`."
     from lungseg.data import move_entries
@@ -383,6 +418,7 @@ def cmd_experiment(a) -> int:
     if out is not None: print(f"\nwrote {out / (a.table + '.md')} and the raw results in {out}")
     return 0
 
+# %% ../nbs/09a_cli.ipynb #cb985de7
 def cmd_quickstart(a) -> int:
     "`lungseg quickstart`: phantoms, the proposed model vs U-Net, table and figure."
     _setup_torch(a)

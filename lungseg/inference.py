@@ -4,7 +4,8 @@
 
 # %% ../nbs/12_segment.ipynb #add3ead8
 from __future__ import annotations
-import json, math, os, shutil, tempfile, warnings
+import itertools, json, math, os, shutil, tempfile, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 import numpy as np
@@ -21,10 +22,11 @@ from .metrics import segmentation_metrics
 from .train import TrainConfig, _autocast, _to_float, _unwrap, load_trained
 
 # %% auto #0
-__all__ = ['InferConfig', 'roi_inputs', 'run_models', 'keep_component', 'predict_roi', 'roi_fov_mm', 'tile_centres',
-           'predict_case', 'predict_volume', 'evaluate_cases', 'axial_diameters', 'measure_nodule', 'Segmentation',
-           'voxel_centres', 'segment_ct', 'overview_figure', 'read_nodules_csv', 'match_scans', 'write_dicom_seg',
-           'write_outputs', 'load_segmenter', 'segment_files', 'demo_segmenter', 'SegmentationBrowser']
+__all__ = ['InferConfig', 'roi_inputs', 'channels_last', 'run_models', 'keep_component', 'predict_roi', 'roi_fov_mm',
+           'tile_centres', 'predict_case', 'predict_volume', 'evaluate_cases', 'axial_diameters', 'measure_nodule',
+           'Segmentation', 'voxel_centres', 'axial_view', 'from_axial_view', 'segment_ct', 'overview_figure',
+           'read_nodules_csv', 'match_scans', 'write_dicom_seg', 'write_outputs', 'load_segmenter', 'segment_files',
+           'demo_segmenter', 'SegmentationBrowser']
 
 # %% ../nbs/12_segment.ipynb #9409cd7e
 @dataclass
@@ -77,7 +79,16 @@ def _model_out(m, xb, amp: bool, c_fixed=None) -> SegOutput:
     finally:
         if hook is not None: hook.remove()
 
-@torch.no_grad()
+@contextmanager
+def channels_last(models):
+    "Inside the block the models' weights are channels-last (oneDNN's and cuDNN's fast layout for 2D convolutions); contiguous again after."
+    models = _as_list(models)
+    for m in models: m.to(memory_format=torch.channels_last)
+    try: yield models
+    finally:
+        for m in models: m.to(memory_format=torch.contiguous_format)
+
+@torch.inference_mode()
 def run_models(models,                 # a model or a list of models (ensemble: mean of probabilities)
                hu: np.ndarray,         # ROI slices [n, S, S] in HU (from `roi_inputs`)
                icfg: InferConfig = None,
@@ -89,17 +100,17 @@ def run_models(models,                 # a model or a list of models (ensemble: 
     flips = [(), (-1,), (-2,)] if icfg.tta_flip else [()]
     prob, cls, n_cls = np.zeros(hu.shape, np.float32), np.zeros(len(hu), np.float32), 0
     for m in models:
-        was = m.training; m.eval()
+        was = [mod for mod in m.modules() if mod.training]   # eval mode here, each module's own mode back after
+        for mod in was: mod.training = False
         for s in range(0, len(x), icfg.batch_size):
-            xb = x[s:s + icfg.batch_size].to(device)
-            if device.type == 'cuda': xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = x[s:s + icfg.batch_size].to(device).contiguous(memory_format=torch.channels_last)
             for f in flips:
                 out = _model_out(m, xb.flip(f) if f else xb, icfg.amp, None if c_oracle is None else c_oracle[s:s + icfg.batch_size])
                 p = torch.sigmoid(out.seg)
                 prob[s:s + len(xb)] += (p.flip(f) if f else p)[:, 0].cpu().numpy() / (len(models) * len(flips))
                 if out.cls is not None: cls[s:s + len(xb)] += torch.sigmoid(out.cls).cpu().numpy().reshape(-1) / len(flips)
         n_cls += out.cls is not None
-        m.train(was)
+        for mod in was: mod.training = True
     cls = cls / n_cls if n_cls else None
     if icfg.gate_cls and cls is not None: prob[cls < 0.5] = 0.
     return prob, cls
@@ -161,10 +172,11 @@ def predict_case(models,                  # a model, or a list of models (ensemb
     vol = case.image
     zs = np.arange(vol.shape[0])
     prob, cover, cls = np.zeros(vol.shape, np.float32), np.zeros(vol.shape[1:], np.float32), None
-    for cy, cx in tile_centres(vol.shape[1:], vol.spacing[1:], roi_cfg):
-        r = predict_roi(models, vol, (0., cy, cx), zs, roi_cfg, icfg, c_oracle)
-        prob[(slice(None),) + r['box'][1:]] += r['prob']; cover[r['box'][1:]] += 1
-        if r['cls'] is not None: cls = r['cls'] if cls is None else np.maximum(cls, r['cls'])
+    with channels_last(models) as ms:
+        for cy, cx in tile_centres(vol.shape[1:], vol.spacing[1:], roi_cfg):
+            r = predict_roi(ms, vol, (0., cy, cx), zs, roi_cfg, icfg, c_oracle)
+            prob[(slice(None),) + r['box'][1:]] += r['prob']; cover[r['box'][1:]] += 1
+            if r['cls'] is not None: cls = r['cls'] if cls is None else np.maximum(cls, r['cls'])
     prob /= np.maximum(cover, 1)
     if icfg.keep_centre: prob *= keep_component(prob > icfg.threshold, (np.array(vol.shape) - 1) / 2, vol.spacing)
     return dict(prob=prob, cls=cls)
@@ -198,7 +210,8 @@ def axial_diameters(mask2d: np.ndarray, # one axial slice of a nodule mask (y, x
                     spacing_yx          # (row, col) pixel spacing, mm
                    ) -> tuple:
     "RECIST-style (longest diameter, longest perpendicular width) in mm of a 2D mask; NaN when empty."
-    pts = np.argwhere(mask2d) * np.asarray(spacing_yx, float)
+    m = np.asarray(mask2d, bool)
+    pts = np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(spacing_yx, float)   # edge pixels hold the hull's vertices
     if not len(pts): return float('nan'), float('nan')
     pix = float(np.mean(spacing_yx))   # pixel centres span one pixel less than the object
     hull = pts
@@ -208,7 +221,7 @@ def axial_diameters(mask2d: np.ndarray, # one axial slice of a nodule mask (y, x
     d = np.linalg.norm(hull[:, None] - hull[None], axis=-1)
     i, j = np.unravel_index(np.argmax(d), d.shape)
     u = (hull[j] - hull[i]) / d[i, j] if d[i, j] > 0 else np.array([1., 0.])
-    w = pts @ np.array([-u[1], u[0]])
+    w = hull @ np.array([-u[1], u[0]])   # a width is attained at hull vertices
     return float(d[i, j] + pix), float(w.max() - w.min() + pix)
 
 def measure_nodule(volume: CTVolume,  # the scan, HU
@@ -241,7 +254,7 @@ class Segmentation:
     "What `segment_ct` found: a label volume in the scan's geometry, one table row per nodule, and each nodule's ROI."
     labels: CTVolume        # nodule k = label k, the scan's exact grid
     table: pd.DataFrame     # one row per nodule (see `measure_nodule`), index = nodule id 1..n
-    rois: list              # per nodule: dict(box, prob, cls) on the scan's pixels
+    rois: list              # per nodule: dict(box, prob, cls) on the pixels of the scan's `axial_view`
 
 def _z_slices(cz: float, sz: float, half_mm: float, depth: int) -> np.ndarray:
     "Slices within `half_mm` of slice position `cz` (slice spacing `sz` mm), inside the scan."
@@ -259,11 +272,42 @@ def _claim(labels: np.ndarray, rois: list, k: int, mask: np.ndarray, box: tuple)
     "Label nodule k's voxels; a voxel another nodule already holds goes to the one with the higher probability."
     sub = labels[box]
     taken = mask & (sub > 0)
-    for z, y, x in np.argwhere(taken):
-        j = int(sub[z, y, x]); bj = rois[j - 1]['box']
-        pj = rois[j - 1]['prob'][z + box[0].start - bj[0].start, y + box[1].start - bj[1].start, x + box[2].start - bj[2].start]
-        if rois[k - 1]['prob'][z, y, x] <= pj: mask[z, y, x] = False
+    for j in np.unique(sub[taken]):               # each earlier nodule that holds some of these voxels
+        idx = np.argwhere(taken & (sub == j)); bj = rois[j - 1]['box']
+        pj = rois[j - 1]['prob'][tuple((idx + [b.start - c.start for b, c in zip(box, bj)]).T)]
+        lose = rois[k - 1]['prob'][tuple(idx.T)] <= pj
+        mask[tuple(idx[lose].T)] = False
     sub[mask] = k
+
+# %% ../nbs/12_segment.ipynb #08e45827
+def _view_axes(direction: np.ndarray) -> tuple:
+    "(array axes of the view, view axes to flip): view axis 0, 1, 2 runs along the patient z, y, x axis nearest to it; reordered y and x increase."
+    D = np.asarray(direction, float)   # column a = world direction of ITK index axis a (x, y, z), i.e. of array axis 2 - a
+    perm = max(itertools.permutations(range(3)), key=lambda p: sum(abs(D[q, p[q]]) for q in range(3)))   # patient axis q -> index axis
+    axes = tuple(2 - perm[q] for q in (2, 1, 0))
+    if axes == (0, 1, 2): return axes, ()   # stored as axial slices: used as stored, as `extract_slices` cut the training ROIs
+    return axes, tuple(v for v in (1, 2) if D[2 - v, perm[2 - v]] < 0)
+
+def axial_view(volume: CTVolume  # a scan (or label volume) in any orientation
+              ) -> tuple:
+    "The scan seen as patient-axial slices: (view `CTVolume` sharing the array's memory, how) where how is None when it already is."
+    axes, flips = _view_axes(volume.direction)
+    if axes == (0, 1, 2) and not flips: return volume, None
+    arr = np.flip(np.transpose(volume.array, axes), flips) if flips else np.transpose(volume.array, axes)
+    n = np.array(volume.shape)
+    first = np.zeros(3); first[[axes[v] for v in flips]] = n[[axes[v] for v in flips]] - 1   # the input voxel at view (0, 0, 0)
+    idx_axis = [2 - a for a in axes[::-1]]                                                    # ITK index axis of view axis x, y, z
+    sign = np.array([-1. if 2 - q in flips else 1. for q in range(3)])
+    view = CTVolume(arr, tuple(volume.spacing[a] for a in axes), tuple(volume.voxel_to_world(first)), volume.direction[:, idx_axis] * sign)
+    return view, (axes, flips)
+
+def from_axial_view(array: np.ndarray, # an array on the view's grid (e.g. labels)
+                    how                # the second value `axial_view` returned
+                   ) -> np.ndarray:
+    "An array on the view's grid back on the input's own grid (a contiguous copy)."
+    if how is None: return array
+    axes, flips = how
+    return np.ascontiguousarray(np.transpose(np.flip(array, flips) if flips else array, np.argsort(axes)))
 
 # %% ../nbs/12_segment.ipynb #7f6da1b1
 def _object(prob: np.ndarray, centre, spacing, icfg: InferConfig) -> np.ndarray:
@@ -304,17 +348,20 @@ def segment_ct(models,                   # a trained model or a list of them (en
     icfg = icfg or InferConfig(keep_centre=True)
     cz = np.asarray(centres, float).reshape(-1, 3) if voxel else voxel_centres(volume, centres, ids, source)
     if voxel: voxel_centres(volume, volume.voxel_to_world(cz), ids, source)   # the same range check
-    half = roi_fov_mm(roi_cfg, volume.spacing[1:]).max() / 2
-    labels = np.zeros(volume.shape, np.uint8 if len(cz) < 256 else np.uint16)
+    view, how = axial_view(volume)               # slices = patient-axial planes; a view of the same memory
+    cv = cz if how is None else view.world_to_voxel(volume.voxel_to_world(cz))
+    half = roi_fov_mm(roi_cfg, view.spacing[1:]).max() / 2
+    labels = np.zeros(view.shape, np.uint8 if len(cz) < 256 else np.uint16)
     rois = []
-    for k, c in enumerate(tqdm(cz, desc='nodules', unit='nodule', disable=not progress), 1):
-        r, m = _segment_point(models, volume, c, roi_cfg, icfg, half)
-        rois.append(r)
-        _claim(labels, rois, k, m, r['box'])
+    with channels_last(models) as ms:
+        for k, c in enumerate(tqdm(cv, desc='nodules', unit='nodule', disable=not progress), 1):
+            r, m = _segment_point(ms, view, c, roi_cfg, icfg, half)
+            rois.append(r)
+            _claim(labels, rois, k, m, r['box'])
     rows = [dict(id=k, input_z=c[0], input_y=c[1], input_x=c[2],
-                 **measure_nodule(volume, labels[r['box']] == k, r['box'], r['prob'], r['cls']))
+                 **measure_nodule(view, labels[r['box']] == k, r['box'], r['prob'], r['cls']))
             for k, (c, r) in enumerate(zip(cz, rois), 1)]
-    return Segmentation(volume.like(labels), pd.DataFrame(rows).set_index('id'), rois)
+    return Segmentation(volume.like(from_axial_view(labels, how)), pd.DataFrame(rows).set_index('id'), rois)
 
 # %% ../nbs/12_segment.ipynb #6525f054
 def overview_figure(volume: CTVolume,  # the scan, HU
@@ -324,9 +371,10 @@ def overview_figure(volume: CTVolume,  # the scan, HU
     "Axial, coronal and sagittal views through each nodule's centroid, its contour in red (other nodules in yellow)."
     n = max(1, len(seg.table))
     fig = Figure(figsize=(7.5, 2.5 * n)); axs = fig.subplots(n, 3, squeeze=False)
-    sp, lab = np.asarray(volume.spacing), seg.labels.array
+    vol0, volume = volume, axial_view(volume)[0]          # views of patient-axial, coronal and sagittal planes
+    sp, lab = np.asarray(volume.spacing), axial_view(seg.labels)[0].array
     for ax_row, (k, row) in zip(axs, seg.table.iterrows()):
-        c = np.asarray(volume.world_to_voxel([row.x_mm, row.y_mm, row.z_mm]) if row.n_voxels else [row.input_z, row.input_y, row.input_x])
+        c = np.asarray(volume.world_to_voxel([row.x_mm, row.y_mm, row.z_mm] if row.n_voxels else vol0.voxel_to_world([row.input_z, row.input_y, row.input_x])))
         c = np.clip(np.round(c).astype(int), 0, np.array(volume.shape) - 1)
         lo = np.maximum(c - np.ceil(half_mm / sp).astype(int), 0); hi = c + np.ceil(half_mm / sp).astype(int) + 1
         for ax, axis, name in zip(ax_row, (0, 1, 2), ('axial', 'coronal', 'sagittal')):
@@ -381,12 +429,21 @@ def match_scans(points: pd.DataFrame, # from `read_nodules_csv`
     return {uid: points[points.seriesuid == uid] for uid in ids if (points.seriesuid == uid).any()}
 
 # %% ../nbs/12_segment.ipynb #07fc1de2
+_DICOMSEG_HINT = 'pip install "lungseg[dicomseg]"'
+
+def _highdicom():
+    "highdicom and pydicom, or an ImportError that says how to install the optional extra."
+    try: import highdicom, pydicom
+    except ImportError as e: raise ImportError(f"DICOM SEG output needs the optional highdicom package ({e}); install it with: {_DICOMSEG_HINT}") from None
+    return highdicom, pydicom
+
 def write_dicom_seg(labels: CTVolume, # the label volume on the series' grid (from `segment_ct`)
                     series,           # the DICOM series folder the scan was read from
                     path,             # the .dcm file to write
                     n: int):          # number of nodules (segments 1..n; empty ones are kept, as empty segments)
     "Write the labels as a DICOM SEG object that references the source series (needs the optional `highdicom`)."
-    import highdicom as hd, pydicom, SimpleITK as sitk
+    hd, pydicom = _highdicom()
+    import SimpleITK as sitk
     from pydicom.sr.codedict import codes
     from lungseg import __version__
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series), scan_id(series))   # the slice order of `read_volume`
@@ -414,9 +471,9 @@ def _json_ready(x):
 
 def _dicom_seg(seg: Segmentation, series: Path, path: Path) -> None:
     "A DICOM SEG beside the NIfTI labels when the scan is a DICOM series and highdicom is installed; else a warning says why not."
-    try: import highdicom
+    try: _highdicom()
     except ImportError:
-        warnings.warn(f"{series}: highdicom is not installed, so no DICOM SEG was written (pip install highdicom); labels.nii.gz has the result")
+        warnings.warn(f"{series}: highdicom is not installed, so no DICOM SEG was written ({_DICOMSEG_HINT}); labels.nii.gz has the result")
         return
     try: write_dicom_seg(seg.labels, series, path, len(seg.table))
     except (ValueError, AttributeError) as e: warnings.warn(f"{series}: no DICOM SEG written ({str(e)[:200]}); labels.nii.gz has the result")
@@ -517,7 +574,8 @@ class SegmentationBrowser:
                  window=(-1200, 400),     # HU display window
                  zoom: int = 1):          # display upsampling
         import ipywidgets as widgets
-        self.volume, self.seg, self.window, self.zoom = volume, seg, window, zoom
+        self.volume, self.seg, self.window, self.zoom = axial_view(volume)[0], seg, window, zoom   # patient-axial slices
+        self.labels, volume = axial_view(seg.labels)[0].array, self.volume
         zs = seg.table.axial_slice.dropna()
         self.slider = widgets.IntSlider(value=int(zs.iloc[0]) if len(zs) else volume.shape[0] // 2, min=0, max=volume.shape[0] - 1,
                                         description='slice z')
@@ -529,7 +587,7 @@ class SegmentationBrowser:
     def render(self, z: int) -> np.ndarray:
         "RGB picture of slice `z` with each nodule's outline."
         from lungseg.phantoms import slice_rgb
-        rgb, lab = slice_rgb(self.volume.array[z], None, self.window, self.zoom), self.seg.labels.array[z]
+        rgb, lab = slice_rgb(self.volume.array[z], None, self.window, self.zoom), self.labels[z]
         if self.zoom > 1: lab = lab.repeat(self.zoom, 0).repeat(self.zoom, 1)
         for k in np.unique(lab[lab > 0]):
             m = lab == k
@@ -542,7 +600,7 @@ class SegmentationBrowser:
         self.z = int(self.slider.value)
         self.rgb = self.render(self.z)
         buf = io.BytesIO(); matplotlib.image.imsave(buf, self.rgb, format='png'); self.image.value = buf.getvalue()
-        here = [int(k) for k in np.unique(self.seg.labels.array[self.z]) if k > 0]
+        here = [int(k) for k in np.unique(self.labels[self.z]) if k > 0]
         self.text = f"slice {self.z} of {self.slider.max}: " + (', '.join(
             f"nodule {k} ({self.seg.table.loc[k, 'diameter_mm']:.1f} mm)" for k in here) if here else 'no nodule')
         self.readout.value = self.text

@@ -1,5 +1,5 @@
 "`lungseg segment` end to end on the whole-chest phantom: geometry read back with SimpleITK, accuracy, border and overlap, bad input."
-import contextlib, io, os, subprocess, sys
+import contextlib, io, os, subprocess, sys, warnings
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from lungseg.cli import main
-from lungseg.data import scan_id, write_dicom_series, write_volume
+from lungseg.data import CTVolume, scan_id, write_dicom_series, write_volume
 from lungseg.inference import demo_segmenter
 from lungseg.metrics import segmentation_metrics
 from lungseg.phantoms import make_chest_phantom
@@ -129,3 +129,90 @@ def test_console_command(setup, tmp_path):
                        capture_output=True, encoding='utf-8', errors='replace', env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / 'o' / 'labels.nii.gz').is_file() and 'wrote' in p.stdout
+
+def restack(vol, axes, flips=()):
+    "The same scan stored another way: array axes reordered by `axes`, then reversed along `flips`; every voxel keeps its world position."
+    arr = np.flip(np.transpose(vol.array, axes), flips) if flips else np.transpose(vol.array, axes)
+    first = np.zeros(3); first[[axes[a] for a in flips]] = np.array(vol.shape)[[axes[a] for a in flips]] - 1
+    cols = [vol.direction[:, 2 - axes[2 - i]] * (-1 if 2 - i in flips else 1) for i in range(3)]   # ITK axis i = array axis 2 - i
+    return CTVolume(np.ascontiguousarray(arr), tuple(vol.spacing[a] for a in axes), tuple(vol.voxel_to_world(first)), np.stack(cols, 1))
+
+def test_any_orientation(setup, tmp_path):
+    "A chest stored as axial, sagittal or coronal slices (axes permuted, some reversed) or feet first: the same nodules, labels in each input's own geometry."
+    d, ck, _ = setup
+    chest = make_chest_phantom(5, seed=0, direction=np.eye(3))
+    pts = pd.DataFrame([dict(x=n['centre_xyz'][0], y=n['centre_xyz'][1], z=n['centre_xyz'][2]) for n in chest.meta['nodules']])
+    pts.to_csv(tmp_path / 'pts.csv', index=False)
+    res = {}
+    for name, axes, flips in [('axial', (0, 1, 2), ()), ('sagittal', (2, 0, 1), (1,)), ('coronal', (1, 0, 2), (2,)), ('feet_first', (0, 1, 2), (0,))]:
+        img, truth = restack(chest.image, axes, flips), restack(chest.image.like(chest.meta['labels']), axes, flips)
+        v = np.array([[0, 0, 0], [3, 17, 29], np.array(img.shape) - 1])   # every voxel keeps its world position
+        old = np.zeros_like(v); n = np.array(chest.image.shape)
+        for b, a in enumerate(axes): old[:, a] = n[a] - 1 - v[:, b] if b in flips else v[:, b]
+        np.testing.assert_allclose(img.voxel_to_world(v), chest.image.voxel_to_world(old), atol=1e-6)
+        scan = tmp_path / name / 'chest.nii.gz'; write_volume(img, scan)
+        rc, so, se = run('segment', '--checkpoint', ck, '--ct', scan, '--nodules', tmp_path / 'pts.csv', '--out', tmp_path / f'{name}_out', '--threads', 1)
+        assert rc == 0, se
+        ref, lab = sitk.ReadImage(str(scan)), sitk.ReadImage(str(tmp_path / f'{name}_out' / 'labels.nii.gz'))
+        assert lab.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(lab.GetSpacing(), ref.GetSpacing(), rtol=1e-6)
+        np.testing.assert_allclose(lab.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(lab.GetDirection(), ref.GetDirection(), atol=1e-6)
+        arr, table = sitk.GetArrayFromImage(lab), pd.read_csv(tmp_path / f'{name}_out' / 'nodules.csv').set_index('id')
+        res[name] = pd.DataFrame([dict(dice=segmentation_metrics(arr == n['label'], truth.array == n['label'], img.spacing)['dice'],
+                                       volume=table.loc[n['label'], 'volume_mm3'], x=table.loc[n['label'], 'x_mm']) for n in chest.meta['nodules']])
+    print(pd.concat(res, axis=1).round(3).to_string())
+    for name in ('sagittal', 'coronal', 'feet_first'):
+        np.testing.assert_allclose(res[name].dice, res['axial'].dice, atol=0.02)
+        np.testing.assert_allclose(res[name].volume, res['axial'].volume, rtol=0.02, atol=1.)
+        np.testing.assert_allclose(res[name].x, res['axial'].x, atol=0.1)   # centroids in world mm
+
+def dicom_chest(chest, folder):
+    "The chest as a DICOM series with a FrameOfReferenceUID (which scanners write, `write_dicom_series` does not, and a DICOM SEG needs)."
+    write_dicom_series(chest.image, folder)
+    try: import pydicom, highdicom
+    except ImportError: return folder
+    fr = highdicom.UID()
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f); ds.FrameOfReferenceUID = fr; ds.save_as(f)
+    return folder
+
+def test_dicom_seg_without_highdicom(setup, tmp_path, monkeypatch):
+    "Without the optional extra: labels, tables and figure are written, and the warning and the error say `pip install \"lungseg[dicomseg]\"`."
+    d, ck, chest = setup
+    series = dicom_chest(chest, tmp_path / 'series')
+    for m in [m for m in sys.modules if m.split('.')[0] in ('highdicom', 'pydicom')]: monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setitem(sys.modules, 'highdicom', None)   # `import highdicom` raises ImportError
+    from lungseg.inference import write_dicom_seg
+    with pytest.raises(ImportError, match=r'pip install "lungseg\[dicomseg\]"'): write_dicom_seg(chest.image, series, tmp_path / 'x.dcm', 1)
+    x, y, z = chest.meta['nodules'][0]['centre_xyz']
+    with pytest.warns(UserWarning, match=r'no DICOM SEG was written \(pip install "lungseg\[dicomseg\]"\)'):
+        rc, so, se = run('segment', '--checkpoint', ck, '--ct', series, f'--at={x},{y},{z}', '--out', tmp_path / 'o', '--threads', 1)
+    assert rc == 0, se
+    assert sorted(p.name for p in (tmp_path / 'o').iterdir()) == ['labels.nii.gz', 'nodules.csv', 'nodules.json', 'overview.png']
+
+def test_dicom_seg(setup, tmp_path):
+    "With highdicom installed, a DICOM series gets labels_seg.dcm: one segment per nodule, on the source slices, equal to labels.nii.gz."
+    d, ck, chest = setup
+    series = dicom_chest(chest, tmp_path / 'series')
+    pd.read_csv(d / 'annotations.csv').assign(seriesuid=scan_id(series)).to_csv(tmp_path / 'pts.csv', index=False)
+    try: import highdicom as hd, pydicom
+    except ImportError: hd = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        rc, so, se = run('segment', '--checkpoint', ck, '--ct', series, '--nodules', tmp_path / 'pts.csv', '--out', tmp_path / 'o', '--threads', 1)
+    assert rc == 0, se
+    if hd is None:   # the optional extra is not installed here: the warning names it (CI installs it, so this branch is the exception)
+        assert any('lungseg[dicomseg]' in str(w.message) for w in caught); return
+    assert not [w for w in caught if 'DICOM SEG' in str(w.message)], [str(w.message) for w in caught]
+    s = hd.seg.segread(tmp_path / 'o' / 'labels_seg.dcm')
+    assert s.get_segment_numbers() == [1, 2, 3, 4, 5]
+    uids = [pydicom.dcmread(f).SOPInstanceUID for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))]
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'o' / 'labels.nii.gz')))
+    np.testing.assert_array_equal(s.get_pixels_by_source_instance(uids, combine_segments=True, relabel=False), lab)
+
+def test_dicomseg_extra_declared():
+    "settings.ini declares the optional extra that the messages name."
+    import configparser
+    cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(Path(__file__).parents[1] / 'settings.ini')
+    assert 'highdicom' in cfg['DEFAULT']['dicomseg_requirements']
