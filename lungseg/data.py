@@ -320,7 +320,7 @@ def write_dicom_series(vol:CTVolume, # image in HU (integer-valued)
     if np.any(arr < -32768) or np.any(arr > 32767): raise ValueError("DICOM export needs values in the int16 range")
     img = CTVolume(np.round(arr).astype(np.int16), vol.spacing, vol.origin, vol.direction).to_sitk()
     d = vol.direction; uid = '1.2.826.0.1.3680043.2.1125.' + str(uuid.uuid4().int)[:24]
-    shared = [('0008|0060', 'CT'), ('0008|103e', series_description), ('0020|000e', uid), ('0020|000d', uid + '.1'),
+    shared = [('0008|0060', 'CT'), ('0008|103e', series_description), ('0020|000e', uid), ('0020|000d', uid + '.1'), ('0020|0052', uid + '.2'),
               ('0010|0010', 'lungseg^export'), ('0010|0020', 'lungseg'), ('0028|1052', '0'), ('0028|1053', '1'),
               ('0020|0037', '\\'.join(f'{v:.10g}' for v in (*d[:, 0], *d[:, 1]))),
               ('0018|0050', f'{vol.spacing[0]:.10g}')]
