@@ -100,6 +100,8 @@ def _add_train_parser(sub):
     t.add_argument('--val-frac', type=_fraction, default=0.2, help='fraction of the cases used for validation, between 0 and 1 (default 0.2)')
     t.add_argument('--lr', type=_positive, default=None, help='learning rate (default 1e-3)')
     t.add_argument('--no-std', action='store_true', help='proposed model: train without the STD head (as for pretraining)')
+    t.add_argument('--context', type=_int_at_least(0), default=0, metavar='K',
+                   help='2.5D input (not in the paper): give the network K neighbouring slices on each side as extra channels (default 0: one slice)')
     t.add_argument('--init', default=None, help='start from the weights of this checkpoint (transfer learning)')
     t.add_argument('--freeze', nargs='*', default=[], help='proposed model: groups to freeze (S1 S5 S9 C1 FC), with --init')
     _add_common(t)
@@ -271,7 +273,8 @@ def _train_setup(a, out: Path) -> tuple:
         recipe = a.recipe or 'finetune'
         cfg = _train_config(preset, recipe, a)
         std = False if (a.no_std or recipe == 'pretrain') else None
-        spec = dict(model_spec(a.model, preset, std_enabled=std), val_frac=a.val_frac, split_seed=a.seed, data=str(a.data))
+        spec = dict(model_spec(a.model, preset, std_enabled=std, **({'in_ch': 1 + 2 * a.context} if a.context else {})),
+                    val_frac=a.val_frac, split_seed=a.seed, data=str(a.data))
         val_frac, seed = a.val_frac, a.seed
         if (out / 'last.pt').exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): add --resume to continue it, or choose another --out.")
@@ -298,7 +301,8 @@ def cmd_train(a) -> int:
     "`lungseg train`: split the cases, train one model, checkpoint to --out."
     _setup_torch(a)
     from lungseg.train import fit
-    from lungseg.experiments import load_cases, slice_datasets, _roi
+    from lungseg.experiments import load_cases, slice_datasets
+    from lungseg.inference import spec_roi
     from lungseg.data import holdout_split
     out = Path(a.out)
     spec, cfg, val_frac, seed = _train_setup(a, out)
@@ -312,7 +316,7 @@ def cmd_train(a) -> int:
     if not any(_has_nodule(cases[i]) for i in va):
         raise ValueError(f"None of the {len(va)} validation case(s) has a nodule, so there is no validation Dice to pick "
                          f"best.pt by. Use a larger --val-frac (now {val_frac}) or another --seed (it shuffles the split), or add cases with nodules.")
-    tr_ds, va_ds = slice_datasets(cases, tv, va, _roi(spec['roi']))
+    tr_ds, va_ds = slice_datasets(cases, tv, va, spec_roi(spec))
     print(f"{len(cases)} cases: {len(tv)} training ({len(tr_ds)} slices), {len(va)} validation ({len(va_ds)} slices)")
     from lungseg.train import seed_everything
     seed_everything(cfg.seed)
@@ -338,8 +342,8 @@ def cmd_evaluate(a) -> int:
     _setup_torch(a)
     import pandas as pd
     from lungseg.train import load_trained
-    from lungseg.inference import evaluate_cases
-    from lungseg.experiments import load_cases, _roi
+    from lungseg.inference import evaluate_cases, spec_roi
+    from lungseg.experiments import load_cases
     if a.out:
         if Path(a.out).is_dir(): raise IsADirectoryError(f"--out {a.out} is a folder; evaluate writes one JSON file, e.g. {Path(a.out) / 'metrics.json'}.")
         _probe_dir(Path(a.out).parent, '--out')
@@ -347,7 +351,7 @@ def cmd_evaluate(a) -> int:
     spec = ck['spec']
     cases = load_cases(a.data)
     t0 = time.time()
-    df = evaluate_cases(model, cases, _roi(spec['roi']), progress=True)
+    df = evaluate_cases(model, cases, spec_roi(spec), progress=True)
     mean = {k: float(np.mean(df[k][np.isfinite(df[k])])) if np.isfinite(df[k]).any() else None for k in df.columns}
     res = _json_safe(dict(checkpoint=str(a.checkpoint), data=str(a.data), model=spec, epoch=ck['epoch'], n_cases=len(df),
                           threshold=0.5, mean=mean, per_case=df.reset_index().to_dict(orient='records'),

@@ -87,6 +87,7 @@ class Variant:
     pretrained: bool = False        # start from the phantom-pretrained proposed model (transfer learning)
     freeze: tuple = ()              # `lungseg.models.freeze_groups` groups for fine-tuning
     oracle_c: bool = False          # replace the classifier's c by the true nodule-present label (evaluation)
+    context: int = 0                # neighbouring slices on each side as extra input channels (2.5D, not in the paper; 0: the paper's input)
 
 TABLES = {
     'table1': [Variant('UNet', 'unet'), Variant('ResUNet', 'resunet'), Variant('ResUNet++', 'resunetpp'),
@@ -99,10 +100,12 @@ TABLES = {
                Variant('Backbone + STD'),
                Variant('Backbone + TL + STD', pretrained=True),
                Variant('Backbone + STD, oracle c', oracle_c=True)],
+    'beyond': [Variant('Proposed (paper input)'), Variant('Proposed, 2.5D (1 slice each side)', context=1)],
 }
 
 # %% ../nbs/09_experiments.ipynb #081ba29d
-def _roi(preset: str) -> RoiConfig: return RoiConfig.paper() if preset == 'paper' else RoiConfig.small()
+def _roi(preset: str, context: int = 0) -> RoiConfig:
+    return replace(RoiConfig.paper() if preset == 'paper' else RoiConfig.small(), context=context)
 
 def slice_datasets(cases: list, train_idx, val_idx, roi_cfg: RoiConfig,
                    augment: Optional[dict] = None) -> tuple:  # extra `SliceDataset` switches for the training slices
@@ -124,7 +127,8 @@ def train_variant(v: Variant,                # the table row to train
                   progress: bool = False):
     "Train variant `v` on one fold; returns (model at its best validation epoch, History)."
     seed_everything(seed)
-    spec = model_spec(v.model, ecfg.preset, **v.overrides)
+    if v.pretrained and v.context: raise ValueError(f"Variant {v.label!r}: the pretrained proposed model takes one channel; context (2.5D) needs training from scratch.")
+    spec = model_spec(v.model, ecfg.preset, **v.overrides, **({'in_ch': 1 + 2 * v.context} if v.context else {}))
     model = build_from_spec(spec)
     if v.pretrained:
         if pretrained is None: raise ValueError(f"Variant {v.label!r} needs pretrained weights: run `pretrain_proposed` first.")
@@ -133,7 +137,7 @@ def train_variant(v: Variant,                # the table row to train
     if v.freeze:
         from lungseg.models import freeze_groups
         freeze_groups(model, list(v.freeze))
-    tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset), ecfg.augment)
+    tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset, v.context), ecfg.augment)
     cfg = replace(ecfg.train, seed=seed, progress=progress, live_plot=False)
     hist = fit(model, tr, va, cfg, out_dir, spec=spec)
     if hist.interrupted: raise KeyboardInterrupt   # Ctrl-C stops the whole experiment, not just this fold's training
@@ -241,7 +245,7 @@ def cross_validate(v: Variant, seed: int, cases: list,
                    out_dir=None, name: str = 'custom',   # checkpoints go to out_dir/runs/<name>_<label>_s<seed>_f<fold>
                    progress: bool = False, bar=None) -> tuple:
     "Train variant `v` on every fold and score each fold model on its validation cases; returns (fold models, cv rows)."
-    roi, models, rows = _roi(ecfg.preset), [], []
+    roi, models, rows = _roi(ecfg.preset, v.context), [], []
     for f, ((tr, va), (fit_idx, pick_idx)) in enumerate(zip(split['folds'], split['picks'])):
         if bar is not None: bar.set_postfix_str(f'{v.label}, seed {seed}, fold {f + 1}/{ecfg.k}')
         od = None if out_dir is None else Path(out_dir) / 'runs' / f'{name}_{v.label}_s{seed}_f{f}'.replace(' ', '_').replace('/', '-')
@@ -261,7 +265,7 @@ def test_ensemble(v: Variant, seed: int,
                   ecfg: ExperimentConfig,
                   keep_examples: bool = True) -> tuple:   # keep the largest-nodule slice of each case for `comparison_figure`
     "Score the held-out cases with the fold models' mean probability; returns (test rows, classifier rows, examples)."
-    roi, test_rows, cls_rows, examples = _roi(ecfg.preset), [], [], {}
+    roi, test_rows, cls_rows, examples = _roi(ecfg.preset, v.context), [], [], {}
     for i in test_idx:
         c = cases[i]
         pc = predict_case(models, c, roi, c_oracle=_labels(c) if v.oracle_c else None)

@@ -16,13 +16,13 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from tqdm.auto import tqdm
 from .blocks import SegOutput
-from .data import (CTFileError, CTVolume, Case, RoiConfig, roi_grid, _sample_planes, _atomic_write, normalize_hu,
+from .data import (CTFileError, CTVolume, Case, RoiConfig, roi_grid, _sample_planes, _atomic_write, normalize_hu, context_index,
                           luna_to_voxel, load_scans, scan_id, write_volume)
 from .metrics import segmentation_metrics
 from .train import TrainConfig, _autocast, _to_float, _unwrap, load_trained
 
 # %% auto #0
-__all__ = ['InferConfig', 'roi_inputs', 'channels_last', 'run_models', 'keep_component', 'predict_roi', 'roi_fov_mm',
+__all__ = ['InferConfig', 'roi_inputs', 'spec_roi', 'channels_last', 'run_models', 'keep_component', 'predict_roi', 'roi_fov_mm',
            'tile_centres', 'predict_case', 'predict_volume', 'evaluate_cases', 'axial_diameters', 'measure_nodule',
            'Segmentation', 'voxel_centres', 'axial_view', 'from_axial_view', 'segment_ct', 'overview_figure',
            'read_nodules_csv', 'match_scans', 'write_dicom_seg', 'write_outputs', 'load_segmenter', 'segment_files',
@@ -53,9 +53,19 @@ def roi_inputs(array: np.ndarray,   # the scan (z, y, x) in HU
                spacing_yx,          # the scan's in-plane (row, col) spacing, mm
                roi_cfg: RoiConfig   # the ROI the models were trained on
               ) -> tuple:
-    "The ROI slices a network sees, cut exactly as `extract_slices` cuts training ROIs: (HU [n, S, S] float32, (rows, cols))."
+    "The ROI slices a network sees, cut exactly as `extract_slices` cuts training ROIs: (HU [n, S, S] float32, or [n, 1 + 2k, S, S] with context k, (rows, cols))."
     rows, cols, _, order = roi_grid(centre_yx, spacing_yx, roi_cfg)
-    return _sample_planes(array, list(zs), rows, cols, order, roi_cfg.pad_hu), (rows, cols)
+    k = int(roi_cfg.context)
+    if not k: return _sample_planes(array, list(zs), rows, cols, order, roi_cfg.pad_hu), (rows, cols)
+    idx = context_index(zs, len(array), k)   # each slice with its neighbours, in z order, as in training (2.5D)
+    hu = _sample_planes(array, idx.ravel(), rows, cols, order, roi_cfg.pad_hu)
+    return hu.reshape(len(idx), 2 * k + 1, *hu.shape[1:]), (rows, cols)
+
+def spec_roi(spec: dict) -> RoiConfig:
+    "The `RoiConfig` a model described by a checkpoint's `spec` was trained on: its ROI preset, and context k from its input channels 1 + 2k."
+    roi = RoiConfig.paper() if spec.get('roi', spec.get('preset', 'small')) == 'paper' else RoiConfig.small()
+    in_ch = int((spec.get('overrides') or {}).get('in_ch', 1))
+    return replace(roi, context=(in_ch - 1) // 2)
 
 def _from_roi(prob: np.ndarray, rows, cols, shape_yx) -> tuple:
     "ROI probabilities [n, S, S] on the scan's own pixels that the ROI covers: ((row slice, col slice), [n, R, C]) or None."
@@ -90,15 +100,21 @@ def channels_last(models):
 
 @torch.inference_mode()
 def run_models(models,                 # a model or a list of models (ensemble: mean of probabilities)
-               hu: np.ndarray,         # ROI slices [n, S, S] in HU (from `roi_inputs`)
+               hu: np.ndarray,         # ROI slices [n, S, S] (or [n, 1 + 2k, S, S] with context) in HU, from `roi_inputs`
                icfg: InferConfig = None,
                c_oracle=None) -> tuple: # (n,) true nodule-present labels to use as c (oracle ablation)
     "Nodule probabilities [n, S, S] and classifier c [n] (None without a classifier) of ROI slices, with flips and gating as `icfg` says."
     icfg, models = icfg or InferConfig(), _as_list(models)
     device = next(models[0].parameters()).device
-    x = torch.from_numpy(normalize_hu(hu, icfg.window))[:, None]
+    x = torch.from_numpy(normalize_hu(hu, icfg.window))
+    x = x[:, None] if x.ndim == 3 else x                        # [n, C, S, S]: C = 1, or 1 + 2k with context (2.5D)
+    for m in models:
+        want = getattr(getattr(_unwrap(m), 'cfg', None), 'in_ch', x.shape[1])
+        if want != x.shape[1]:
+            raise ValueError(f"{type(_unwrap(m)).__name__} takes {want} input channel(s) but the ROI slices have {x.shape[1]}: use the "
+                             f"RoiConfig it was trained with (context={(want - 1) // 2}), e.g. from `load_segmenter` or `spec_roi`.")
     flips = [(), (-1,), (-2,)] if icfg.tta_flip else [()]
-    prob, cls, n_cls = np.zeros(hu.shape, np.float32), np.zeros(len(hu), np.float32), 0
+    prob, cls, n_cls = np.zeros((len(hu), *hu.shape[-2:]), np.float32), np.zeros(len(hu), np.float32), 0
     for m in models:
         was = [mod for mod in m.modules() if mod.training]   # eval mode here, each module's own mode back after
         for mod in was: mod.training = False
@@ -509,8 +525,7 @@ def _atomic_dir(out: Path, fill, overwrite: bool = False) -> Path:
 def load_segmenter(checkpoint, device='cpu') -> tuple:
     "(model, RoiConfig) from a `lungseg train` checkpoint: the model in eval mode and the ROI preset it was trained on."
     model, ck = load_trained(checkpoint, device)
-    roi = ck['spec'].get('roi', ck['spec'].get('preset', 'small'))
-    return model, RoiConfig.paper() if roi == 'paper' else RoiConfig.small()
+    return model, spec_roi(ck['spec'])
 
 def segment_files(models,                 # a model or a list of models
                   roi_cfg: RoiConfig,     # the ROI they were trained on

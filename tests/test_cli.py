@@ -223,6 +223,24 @@ def test_train_then_evaluate(tmp_path, case_folder):
     if dices: assert abs(res['mean']['dice'] - sum(dices) / len(dices)) < 1e-9
 
 
+def test_context_train_evaluate_segment(tmp_path, case_folder):
+    "2.5D (--context 1): the checkpoint records 3 input channels, and evaluate and segment give the model its neighbouring slices."
+    out = tmp_path / 'run'
+    lungseg('train', '--data', case_folder, '--model', 'unet', '--epochs', 1, '--context', 1, '--device', 'cpu', '--out', out, '--threads', 1, cwd=tmp_path)
+    import torch
+    ck = torch.load(out / 'best.pt', weights_only=True)
+    assert ck['spec']['overrides'] == {'in_ch': 3}, ck['spec']
+    js = tmp_path / 'metrics.json'
+    lungseg('evaluate', '--checkpoint', out / 'best.pt', '--data', case_folder, '--out', js, '--device', 'cpu', cwd=tmp_path)
+    assert json.loads(js.read_text())['n_cases'] == 8
+    scan = sorted((case_folder / 'images').iterdir())[0]
+    seg = tmp_path / 'seg'
+    lungseg('segment', '--checkpoint', out / 'best.pt', '--ct', scan, '--at=32,32,16', '--voxel', '--out', seg, '--threads', 1, cwd=tmp_path)
+    assert (seg / 'labels.nii.gz').is_file() and (seg / 'nodules.csv').is_file()
+    r = lungseg('train', '--data', case_folder, '--context', -1, '--out', tmp_path / 'bad', cwd=tmp_path, check=False)
+    assert r.returncode == 2 and '--context' in r.stderr, r.stderr
+
+
 def test_ctrl_c_then_resume(tmp_path, case_folder):
     out = tmp_path / 'run'
     args = ['train', '--data', case_folder, '--model', 'unet', '--epochs', 4, '--device', 'cpu', '--out', out, '--threads', 1]
