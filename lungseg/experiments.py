@@ -22,8 +22,8 @@ from .metrics import segmentation_metrics, legend
 __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets',
            'train_variant', 'pretrain_proposed', 'ExperimentResult', 'experiment_split', 'cross_validate',
            'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap', 'bootstrap_table', 'roc_auc',
-           'calibration', 'expected_calibration_error', 'classifier_report', 'reliability_plot', 'comparison_figure',
-           'table_legend', 'quickstart']
+           'calibration', 'expected_calibration_error', 'classifier_report', 'reliability_plot', 'variant_colour',
+           'comparison_figure', 'table_legend', 'quickstart']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -450,9 +450,17 @@ def reliability_plot(res: ExperimentResult, ax=None):
     return ax
 
 # %% ../nbs/09_experiments.ipynb #0aff8af3
+def variant_colour(label: str) -> str:
+    "The colour of a table row in figures: its model's colour (`lungseg.baselines.model_colour`), found through `TABLES`."
+    from lungseg.baselines import model_colour
+    v = next((v for rows in TABLES.values() for v in rows if v.label == label), None)
+    return model_colour(v.model if v is not None else label)
+
 def comparison_figure(res: ExperimentResult, n_cases: int = 4, case_ids: Optional[list] = None, window=(-1200, 400)):
-    "Test cases (rows) x models (columns): the largest-nodule slice, truth in green, prediction in red, 3D Dice on the case."
+    "Test cases (rows) x models (columns): the largest-nodule slice, truth in lime, each model's contour in its colour, its 3D Dice on the case."
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from lungseg.baselines import model_colour
     variants = list(dict.fromkeys(res.test['variant']))
     if case_ids is None:   # test cases that hold a nodule first
         all_ids = list(dict.fromkeys(res.test['case_id']))
@@ -460,19 +468,22 @@ def comparison_figure(res: ExperimentResult, n_cases: int = 4, case_ids: Optiona
         case_ids = ([c for c in all_ids if has[c]] + [c for c in all_ids if not has[c]])[:n_cases]
     ids = case_ids
     dice = res.test[res.test.seed == res.test.seed.iloc[0]].set_index(['variant', 'case_id'])['dice']
-    fig, axs = plt.subplots(len(ids), len(variants) + 1, figsize=(1.7 * (len(variants) + 1), 1.7 * len(ids)), squeeze=False)
+    fig, axs = plt.subplots(len(ids), len(variants) + 1, figsize=(2.2 * (len(variants) + 1), 2.2 * len(ids) + 0.45), squeeze=False)
     for r, cid in enumerate(ids):
         for c, v in enumerate([None] + variants):
             z, img, truth, pred = res.examples[(variants[0] if v is None else v, cid)]
             ax = axs[r, c]; ax.imshow(np.clip(img, *window), cmap='gray', vmin=window[0], vmax=window[1]); ax.set_xticks([]); ax.set_yticks([])
-            if truth.any(): ax.contour(truth, levels=[0.5], colors='lime', linewidths=0.8)
+            if truth.any(): ax.contour(truth, levels=[0.5], colors=model_colour('truth'), linewidths=0.8)
             if v is None:
                 ax.set_ylabel(f'{cid}\nz={z}', fontsize=7)
             else:
-                if pred.any(): ax.contour(pred, levels=[0.5], colors='red', linewidths=0.8)
-                ax.text(2, 2, f"{dice.get((v, cid), float('nan')):.2f}", color='yellow', fontsize=8, va='top')
-            if r == 0: ax.set_title('CT' if v is None else v, fontsize=8)
-    fig.tight_layout()
+                if pred.any(): ax.contour(pred, levels=[0.5], colors=variant_colour(v), linewidths=1.0)
+                ax.text(2, 2, f"Dice {dice.get((v, cid), float('nan')):.2f}", color='white', fontsize=7, va='top',
+                        bbox=dict(facecolor='black', alpha=0.55, lw=0, pad=1.5))
+            if r == 0: ax.set_title('CT + truth' if v is None else v, fontsize=8, color='black' if v is None else variant_colour(v))
+    handles = [Line2D([], [], color=model_colour('truth'), lw=2, label='truth')] + [Line2D([], [], color=variant_colour(v), lw=2, label=v) for v in variants]
+    fig.legend(handles=handles, loc='lower center', ncol=len(handles), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.45 / (2.2 * len(ids) + 0.45), 1, 1))
     return fig
 
 # %% ../nbs/09_experiments.ipynb #021a41d7
