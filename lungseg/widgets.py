@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_compare.ipynb #472d0dc4
 from __future__ import annotations
-import hashlib, io, json, math, os, time, warnings
+import hashlib, io, json, math, os, shutil, time, warnings
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -254,6 +254,8 @@ def load_or_train(cfg: Optional[CompareConfig] = None, # what to compare; defaul
         try: return load_comparison(folder, device)
         except Exception as e: warnings.warn(f"The cached comparison in {folder} does not load ({type(e).__name__}: {e}); training again.")
     if (folder / 'manifest.json').is_file(): (folder / 'manifest.json').unlink()
+    if retrain:   # from scratch: an interrupted run's last.pt would otherwise be resumed
+        for name in cfg.models: shutil.rmtree(folder / name, ignore_errors=True)
     t0 = time.time()
     cases = load_cases(data, seed=cfg.seed, n_phantoms=cfg.n_phantoms, progress=cfg.progress)
     groups = case_groups(cases)
