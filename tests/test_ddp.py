@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent('''
     if rank == 0:
         torch.save(dict(w=net.state_dict(), dice=[r['val_dice'] for r in h.records], loss=[r['train_loss'] for r in h.records],
                         world=world), out)
-    if dist.is_initialized(): dist.destroy_process_group()
+    if dist.is_initialized():   # every rank waits for rank 0's save: tearing gloo down while a peer still works can abort it
+        dist.barrier(); dist.destroy_process_group()
 ''')
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
