@@ -14,7 +14,7 @@ from .blocks import (SegOutput, ConvBNReLU, DoubleConv, ResidualUnit, UpBlock, S
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'MODEL_COLOURS', 'UNetConfig', 'UNet', 'ResUNetConfig', 'ResUNet', 'ResUNetPPConfig', 'ResUNetPP',
-           'DeepLabV3PlusConfig', 'DeepLabV3Plus', 'model_classes', 'build_model', 'model_colour',
+           'DeepLabV3PlusConfig', 'DeepLabV3Plus', 'model_classes', 'build_model', 'model_colour', 'contour_legend',
            'check_model_contract']
 
 # %% ../nbs/06_baselines.ipynb #d62623c2
@@ -221,6 +221,15 @@ def model_colour(name: str, # a MODEL_NAMES entry, 'truth', or a display label s
     key = name.lower().replace('-', '').replace(' ', '')
     key = {'deeplabv3+': 'deeplabv3plus', 'resunet++': 'resunetpp'}.get(key, key)
     return MODEL_COLOURS.get(key, MODEL_COLOURS.get(key.split('(')[0].split(',')[0], 'tab:gray'))
+
+def contour_legend(fig,                  # a matplotlib Figure
+                   labels,               # the contours drawn, after the truth: model names or display labels
+                   colour=model_colour,  # label -> colour (e.g. a table row's model colour)
+                   truth: str = 'truth (radiologists)', **kw):
+    "A figure legend naming each contour colour: the truth, then each label in its colour."
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=model_colour('truth'), lw=2, label=truth)] + [Line2D([], [], color=colour(l), lw=2, label=l) for l in labels]
+    return fig.legend(handles=handles, loc=kw.pop('loc', 'lower center'), ncol=len(handles), fontsize=kw.pop('fontsize', 8), frameon=False, **kw)
 
 # %% ../nbs/06_baselines.ipynb #e5d6bea4
 def check_model_contract(model: nn.Module, # a lungseg model

@@ -459,8 +459,7 @@ def variant_colour(label: str) -> str:
 def comparison_figure(res: ExperimentResult, n_cases: int = 4, case_ids: Optional[list] = None, window=(-1200, 400)):
     "Test cases (rows) x models (columns): the largest-nodule slice, truth in lime, each model's contour in its colour, its 3D Dice on the case."
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from lungseg.baselines import model_colour
+    from lungseg.baselines import model_colour, contour_legend
     variants = list(dict.fromkeys(res.test['variant']))
     if case_ids is None:   # test cases that hold a nodule first
         all_ids = list(dict.fromkeys(res.test['case_id']))
@@ -481,8 +480,7 @@ def comparison_figure(res: ExperimentResult, n_cases: int = 4, case_ids: Optiona
                 ax.text(2, 2, f"Dice {dice.get((v, cid), float('nan')):.2f}", color='white', fontsize=7, va='top',
                         bbox=dict(facecolor='black', alpha=0.55, lw=0, pad=1.5))
             if r == 0: ax.set_title('CT + truth' if v is None else v, fontsize=8, color='black' if v is None else variant_colour(v))
-    handles = [Line2D([], [], color=model_colour('truth'), lw=2, label='truth')] + [Line2D([], [], color=variant_colour(v), lw=2, label=v) for v in variants]
-    fig.legend(handles=handles, loc='lower center', ncol=len(handles), fontsize=7, frameon=False)
+    contour_legend(fig, variants, variant_colour, truth='truth', fontsize=7)
     fig.tight_layout(rect=(0, 0.45 / (2.2 * len(ids) + 0.45), 1, 1))
     return fig
 

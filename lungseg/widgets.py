@@ -17,8 +17,8 @@ from IPython.display import display
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from matplotlib.lines import Line2D
-from .baselines import model_colour
+from contextlib import contextmanager
+from .baselines import model_colour, contour_legend
 from .data import Case, CTVolume, RoiConfig, SliceDataset, extract_slices, holdout_split, normalize_hu
 from .experiments import load_cases, case_groups
 from .metrics import segmentation_metrics
@@ -29,8 +29,8 @@ from .inference import predict_case
 # %% auto #0
 __all__ = ['LIDC_TEXTURE', 'SIZE_BINS', 'MODEL_LABELS', 'LIDC_CREDIT', 'SORTS', 'cache_dir', 'code_fingerprint', 'CompareConfig',
            'equivalent_diameter_mm', 'nodule_groups', 'Comparison', 'compare_models', 'load_comparison',
-           'load_or_train', 'draw_case', 'contour_legend', 'best_slice', 'CaseBrowser', 'slice_logits',
-           'model_explorer', 'figure4', 'std_effect', 'std_effect_figure']
+           'load_or_train', 'draw_case', 'best_slice', 'CaseBrowser', 'without_std', 'slice_logits', 'model_explorer',
+           'figure4', 'std_effect', 'std_effect_figure']
 
 # %% ../nbs/10_compare.ipynb #c0659e15
 def cache_dir() -> Path:
@@ -314,12 +314,6 @@ def draw_case(axs,                       # 1 + number of models matplotlib axes,
     if label_rows: axs[0].set_ylabel(f'{case_id}\nz = {z}', fontsize=8)
     return titles
 
-def contour_legend(fig: Figure, labels: Sequence[str], **kw):
-    "A figure legend naming each contour colour: the truth, then each model label."
-    handles = [Line2D([], [], color=model_colour('truth'), lw=2, label='truth (radiologists)')]
-    handles += [Line2D([], [], color=model_colour(l), lw=2, label=l) for l in labels]
-    return fig.legend(handles=handles, loc=kw.pop('loc', 'lower center'), ncol=len(handles), fontsize=kw.pop('fontsize', 8), frameon=False, **kw)
-
 def best_slice(mask: np.ndarray) -> int:
     "The slice with the largest nodule area (the middle slice of an empty mask)."
     a = np.asarray(mask).reshape(len(mask), -1).sum(1)
@@ -455,6 +449,15 @@ def draw(self: CaseBrowser):
                         f"<span style='color:#2a2'>lime: truth</span>")
 
 # %% ../nbs/10_compare.ipynb #acc6a198
+@contextmanager
+def without_std(model):
+    "Inside the block a model with an STD head gives a plain sigmoid of the same logits (the head is off); on again after. Other models are untouched."
+    on = getattr(model, 'std_enabled', None)
+    if on: model.std_enabled = False
+    try: yield model
+    finally:
+        if on: model.std_enabled = True
+
 @torch.no_grad()
 def slice_logits(model,                 # a trained lungseg model
                  case: Case, z: int,    # the case and slice
@@ -474,14 +477,10 @@ def slice_logits(model,                 # a trained lungseg model
         hu = F.interpolate(hu, size=(my, mx), mode='bilinear', align_corners=False)
         mask = F.interpolate(mask, size=(my, mx), mode='nearest')
     x = F.pad(normalize_hu(hu, window), (px // 2, px - px // 2, py // 2, py - py // 2), mode='replicate')
-    had_std = getattr(model, 'std_enabled', None)
     was = model.training; model.eval()
     try:
-        if had_std: model.std_enabled = False
-        out = model(x.to(next(model.parameters()).device))
-    finally:
-        if had_std: model.std_enabled = True
-        model.train(was)
+        with without_std(model): out = model(x.to(next(model.parameters()).device))
+    finally: model.train(was)
     u = out.seg.float().cpu()[:, :, py // 2: py // 2 + my, px // 2: px // 2 + mx]
     c = None if out.cls is None else float(torch.sigmoid(out.cls.float()).item())
     return dict(u=u[0, 0].numpy(), c=c, image=hu[0, 0].numpy(), mask=mask[0, 0].numpy().astype(np.uint8), spacing=(ty, tx), x=x)
@@ -545,9 +544,7 @@ def std_effect(comp: Comparison,
         raise ValueError(f"std_effect needs a model with an STD head (the proposed model); the models are {comp.labels}")
     m, rows = comp.models[model], []
     for c in tqdm(comp.cases, desc='without STD', unit='case', disable=not progress):
-        m.std_enabled = False
-        try: plain = predict_case(m, c, comp.roi)['prob'] > comp.threshold
-        finally: m.std_enabled = True
+        with without_std(m): plain = predict_case(m, c, comp.roi)['prob'] > comp.threshold
         s = comp.score(c.case_id, model)
         p = segmentation_metrics(plain.astype(np.uint8), np.asarray(c.mask), tuple(c.image.spacing))
         rows.append(dict(case_id=c.case_id, dice_std=s['dice'], dice_plain=float(p['dice']), hd_std=s['hd'], hd_plain=float(p['hd'])))
@@ -575,9 +572,7 @@ def std_effect_figure(comp: Comparison,
     for r, cid in enumerate(case_ids):
         c, e = comp.case(cid), effect.loc[cid]
         z = best_slice(c.mask)
-        m.std_enabled = False
-        try: plain = predict_case(m, c, comp.roi)['prob'][z] > comp.threshold
-        finally: m.std_enabled = True
+        with without_std(m): plain = predict_case(m, c, comp.roi)['prob'][z] > comp.threshold
         cz = comp.cls[model][cid]
         panels = [(None, 'CT + truth'), (plain, f"no STD: Dice {_fmt(e.dice_plain)}, HD {_fmt_mm(e.hd_plain)}"),
                   (comp.pred(model, cid)[z] > 0, f"STD + prior: Dice {_fmt(e.dice_std)}, HD {_fmt_mm(e.hd_std)}")]
