@@ -66,6 +66,18 @@ def _add_common(p, model=True, out_default=None):
     p.add_argument('--workers', type=_int_at_least(0), default=0, help='DataLoader worker processes (default 0: load in the main process)')
     p.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
 
+def _add_switches(p, keep_centre: bool = True):
+    "The post-processing switches of `InferConfig` (`12_segment`), off unless given, as in the paper."
+    if keep_centre:
+        p.add_argument('--keep-centre', action='store_true',
+                       help='keep only the 3D connected component at (or nearest) the centre of each case volume (a nodule cube is centred on its nodule)')
+    p.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean over the slice and its two mirror images)')
+    p.add_argument('--gate', action='store_true', help="empty every slice whose classifier probability c is below 0.5 (models with a classifier)")
+
+def _switches(a) -> dict:
+    "The `InferConfig` fields that `_add_switches`'s options set."
+    return dict(keep_centre=getattr(a, 'keep_centre', False), tta_flip=a.tta, gate_cls=a.gate)
+
 # %% ../nbs/09a_cli.ipynb #953146ad
 def _add_quickstart_parser(sub):
     "The `lungseg quickstart` subcommand and its options."
@@ -117,6 +129,7 @@ def _add_evaluate_parser(sub):
                                    "mm with each volume's spacing) and their mean as JSON.")
     e.add_argument('--checkpoint', required=True, help='a .pt file written by lungseg train (best.pt or last.pt)')
     e.add_argument('--data', required=True, help=_DATA_HELP)
+    _add_switches(e)
     e.add_argument('--out', default=None, help='JSON file to write (default: print to stdout only)')
     e.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
     e.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
@@ -136,6 +149,9 @@ def _add_experiment_parser(sub):
     x.add_argument('--folds', type=_int_at_least(1), default=None, help='cross-validation folds; 1: one 80/20 split (default: small 3, paper 5)')
     x.add_argument('--seeds', type=_int_at_least(0), nargs='+', default=None, help='training seeds (default: 0); the first also seeds the split')
     x.add_argument('--test-frac', type=_fraction, default=None, help='fraction of cases held out for testing, between 0 and 1 (default: small 0.2, paper 11/56)')
+    x.add_argument('--pretrain-phantoms', choices=['small', 'realistic'], default=None,
+                   help="phantoms the transfer-learning rows pretrain on: 'small' (default) or 'realistic' (fitted to LIDC's nodule-edge contrast and noise)")
+    _add_switches(x)
     x.add_argument('--out', default=None, help='folder for the tables (markdown), raw results (CSV) and protocol (JSON)')
     _add_common(x)
     return x
@@ -157,8 +173,7 @@ def _add_segment_parser(sub):
     s.add_argument('--voxel', action='store_true', help='positions are voxel indices (x = column, y = row, z = slice), not world mm')
     s.add_argument('--out', required=True, help='output folder; must not exist or be empty (see --overwrite)')
     s.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
-    s.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean over the slice and its two mirror images)')
-    s.add_argument('--gate', action='store_true', help="empty every slice whose classifier probability c is below 0.5 (models with a classifier)")
+    _add_switches(s, keep_centre=False)   # segment always keeps the component at each marked point
     s.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
     s.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
     return s
@@ -180,7 +195,7 @@ def cmd_segment(a) -> int:
     model, roi = load_segmenter(a.checkpoint, pick_device(a.device))
     points = read_nodules_csv(a.nodules) if a.nodules else _at_point(a.at)
     t0 = time.time()
-    icfg = InferConfig(keep_centre=True, tta_flip=a.tta, gate_cls=a.gate)
+    icfg = InferConfig(**{**_switches(a), 'keep_centre': True})
     table = segment_files(model, roi, a.ct, points, a.out, icfg, voxel=a.voxel, overwrite=a.overwrite)
     cols = ['seriesuid', 'id', 'x_mm', 'y_mm', 'z_mm', 'volume_mm3', 'diameter_mm', 'long_axis_mm', 'short_axis_mm', 'touches_border']
     print(table[cols].round(1).to_string(index=False))
@@ -342,7 +357,7 @@ def cmd_evaluate(a) -> int:
     _setup_torch(a)
     import pandas as pd
     from lungseg.train import load_trained
-    from lungseg.inference import evaluate_cases, spec_roi
+    from lungseg.inference import InferConfig, evaluate_cases, spec_roi
     from lungseg.experiments import load_cases
     if a.out:
         if Path(a.out).is_dir(): raise IsADirectoryError(f"--out {a.out} is a folder; evaluate writes one JSON file, e.g. {Path(a.out) / 'metrics.json'}.")
@@ -351,10 +366,10 @@ def cmd_evaluate(a) -> int:
     spec = ck['spec']
     cases = load_cases(a.data)
     t0 = time.time()
-    df = evaluate_cases(model, cases, spec_roi(spec), progress=True)
+    df = evaluate_cases(model, cases, spec_roi(spec), InferConfig(**_switches(a)), progress=True)
     mean = {k: float(np.mean(df[k][np.isfinite(df[k])])) if np.isfinite(df[k]).any() else None for k in df.columns}
     res = _json_safe(dict(checkpoint=str(a.checkpoint), data=str(a.data), model=spec, epoch=ck['epoch'], n_cases=len(df),
-                          threshold=0.5, mean=mean, per_case=df.reset_index().to_dict(orient='records'),
+                          threshold=0.5, switches=_switches(a), mean=mean, per_case=df.reset_index().to_dict(orient='records'),
                           note="3D metrics on every slice of each case volume, with the volume's spacing (mm). " + _METRIC_LEGEND,
                           n_empty=int(np.isinf(df['hd']).sum()) if 'hd' in df else 0, seconds=time.time() - t0))
     text = json.dumps(res, indent=1)
@@ -378,14 +393,16 @@ def cmd_experiment(a) -> int:
     _setup_torch(a)
     from lungseg.train import pick_device
     from lungseg.experiments import (ExperimentConfig, TABLES, run_experiment, summary, bootstrap_table, classifier_report,
-                                     load_cases, table_legend)
+                                     load_cases, table_legend, show)
     device = pick_device(a.device)
     preset = a.preset or ('small' if device.type == 'cpu' else 'paper')
     ecfg = ExperimentConfig.paper() if preset == 'paper' else ExperimentConfig.small()
     tr_kw = dict(device=a.device, num_workers=a.workers, **({'epochs': a.epochs} if a.epochs else {}), **({'batch_size': a.batch_size} if a.batch_size else {}))
     ecfg = replace(ecfg, train=replace(ecfg.train, **tr_kw), pretrain=replace(ecfg.pretrain, device=a.device),
                    **({'k': a.folds} if a.folds else {}), **({'test_frac': a.test_frac} if a.test_frac else {}),
-                   seeds=tuple(a.seeds) if a.seeds else (a.seed,))
+                   seeds=tuple(a.seeds) if a.seeds else (a.seed,),
+                   **({'pretrain_phantoms': a.pretrain_phantoms} if a.pretrain_phantoms else {}),
+                   infer={k: True for k, on in _switches(a).items() if on})
     variants = TABLES[a.table]
     if a.model:
         if a.table != 'table1': raise ValueError("--model selects models of table1 only.")
@@ -403,9 +420,9 @@ def cmd_experiment(a) -> int:
     try:
         res = run_experiment(variants, cases, ecfg, out_dir=staging, name=a.table)
         parts = [f"# {a.table}: {len(cases)} cases from {a.data}, preset {preset}, {ecfg.k} folds, seeds {list(ecfg.seeds)}, "
-                 f"{ecfg.train.epochs} epochs, {res.seconds / 60:.1f} min",
-                 "## Test split (ensemble of the fold models; mean ± std over test cases)", summary(res).to_string(), table_legend('test'),
-                 "## Cross-validation (mean ± std over folds and seeds)", summary(res, 'cv').to_string(), table_legend('cv')]
+                 f"{ecfg.train.epochs} epochs, {res.seconds / 60:.1f} min" + (f", switches {', '.join(ecfg.infer)}" if ecfg.infer else ''),
+                 "## Test split (ensemble of the fold models; mean ± std over test cases)", show(summary(res, misses=True)),
+                 "## Cross-validation (mean ± std over folds and seeds)", show(summary(res, 'cv', misses=True))]
         if len(res.test['variant'].unique()) > 1:
             parts += ["## Paired bootstrap 95% CI of the difference (test cases)", bootstrap_table(res, n_boot=ecfg.n_boot).to_string(),
                       table_legend('bootstrap')]

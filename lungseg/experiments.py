@@ -13,17 +13,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, holdout_split, load_case_folder, lidc_dir
-from .phantoms import make_phantom_cases
+from .phantoms import PhantomConfig, make_phantom_cases
 from .train import TrainConfig, fit, seed_everything, model_spec, build_from_spec, pick_device, save_checkpoint
 from .inference import predict_case, evaluate_cases
 from .metrics import segmentation_metrics, legend
 
 # %% auto #0
 __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets',
-           'train_variant', 'pretrain_proposed', 'ExperimentResult', 'experiment_split', 'cross_validate',
-           'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap', 'bootstrap_table', 'roc_auc',
-           'calibration', 'expected_calibration_error', 'classifier_report', 'reliability_plot', 'variant_colour',
-           'comparison_figure', 'table_legend', 'quickstart']
+           'train_variant', 'pretrain_phantoms', 'pretrain_proposed', 'ExperimentResult', 'experiment_split', 'run_dir',
+           'cross_validate', 'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap',
+           'bootstrap_table', 'roc_auc', 'calibration', 'expected_calibration_error', 'classifier_report',
+           'reliability_plot', 'variant_colour', 'comparison_figure', 'table_legend', 'quickstart', 'load_result',
+           'fold_models', 'rescore', 'switch_table']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -66,10 +67,12 @@ class ExperimentConfig:
     seeds: tuple = (0,)                     # training seeds; split seed = seeds[0]
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig.pretrain(epochs=6))  # pretraining recipe (Table 2/3 TL rows)
     pretrain_cases: int = 60                # phantoms to pretrain on
+    pretrain_phantoms: str = 'small'        # their `PhantomConfig` preset: 'small', or 'realistic' (fitted to LIDC's edge contrast and noise)
     n_boot: int = 2000                      # bootstrap resamples for the confidence intervals
     threshold: float = 0.5                  # probability threshold of the masks
     inner_frac: float = 0.2                 # share of each fold's training nodules held out to pick its epoch; 0: pick on the fold's own validation cases (optimistic)
     augment: dict = field(default_factory=dict)  # extra `SliceDataset` augmentations of training slices (rot90, scale, intensity); {}: flips only, as in the paper
+    infer: dict = field(default_factory=dict)    # `InferConfig` switches of the scoring (keep_centre, tta_flip, gate_cls); {}: all off, as in the paper
     @classmethod
     def small(cls, **kw) -> 'ExperimentConfig': return cls(**kw)
     @classmethod
@@ -148,13 +151,20 @@ def train_variant(v: Variant,                # the table row to train
     return model.eval(), hist
 
 # %% ../nbs/09_experiments.ipynb #1f8ac411
+def pretrain_phantoms(ecfg: ExperimentConfig, seed: int = 0) -> list:
+    "The default large set of transfer learning: `ecfg.pretrain_cases` phantoms of preset `ecfg.pretrain_phantoms`, seeded apart from the target."
+    presets = dict(small=PhantomConfig.small, realistic=PhantomConfig.realistic)
+    if ecfg.pretrain_phantoms not in presets:
+        raise ValueError(f"pretrain_phantoms={ecfg.pretrain_phantoms!r}: choose one of {sorted(presets)}")
+    return make_phantom_cases(ecfg.pretrain_cases, seed=1000 + seed, cfg=presets[ecfg.pretrain_phantoms]())
+
 def pretrain_proposed(ecfg: ExperimentConfig,      # protocol: preset, pretraining recipe, number of phantoms
-                      cases: Optional[list] = None, # the large set; default `make_phantom_cases(ecfg.pretrain_cases, seed=1000)`
+                      cases: Optional[list] = None, # the large set; default: `ecfg.pretrain_cases` phantoms of preset `ecfg.pretrain_phantoms`
                       seed: int = 0,
                       out_dir=None,
                       progress: bool = False) -> dict:
     "Pretrain the proposed model without STD on a large set (85% training, 15% validation); returns its best weights."
-    cases = cases if cases is not None else make_phantom_cases(ecfg.pretrain_cases, seed=1000 + seed)
+    cases = cases if cases is not None else pretrain_phantoms(ecfg, seed)
     seed_everything(seed)
     spec = model_spec('proposed', ecfg.preset, std_enabled=False)
     model = build_from_spec(spec)
@@ -238,22 +248,28 @@ def experiment_split(cases: list, ecfg: ExperimentConfig) -> dict:
     return dict(seed=seed, test=te, folds=folds, picks=picks)
 
 # %% ../nbs/09_experiments.ipynb #8e0fad16
+def run_dir(out_dir, name: str, label: str, seed: int, fold: int) -> Path:
+    "Where a fold model's checkpoints (best.pt, last.pt) and history go: out_dir/runs/<name>_<label>_s<seed>_f<fold>."
+    return Path(out_dir) / 'runs' / f'{name}_{label}_s{seed}_f{fold}'.replace(' ', '_').replace('/', '-')
+
 def cross_validate(v: Variant, seed: int, cases: list,
                    split: dict,                          # from `experiment_split`
                    ecfg: ExperimentConfig,
                    pretrained: Optional[dict] = None,    # pretrained weights for v.pretrained
                    out_dir=None, name: str = 'custom',   # checkpoints go to out_dir/runs/<name>_<label>_s<seed>_f<fold>
-                   progress: bool = False, bar=None) -> tuple:
+                   progress: bool = False, bar=None,
+                   trained: Optional[list] = None) -> tuple:   # (model, best epoch) per fold, already trained: score them, train nothing
     "Train variant `v` on every fold and score each fold model on its validation cases; returns (fold models, cv rows)."
     roi, models, rows = _roi(ecfg.preset, v.context), [], []
     for f, ((tr, va), (fit_idx, pick_idx)) in enumerate(zip(split['folds'], split['picks'])):
         if bar is not None: bar.set_postfix_str(f'{v.label}, seed {seed}, fold {f + 1}/{ecfg.k}')
-        od = None if out_dir is None else Path(out_dir) / 'runs' / f'{name}_{v.label}_s{seed}_f{f}'.replace(' ', '_').replace('/', '-')
-        m, h = train_variant(v, cases, fit_idx, pick_idx, ecfg, seed, pretrained, out_dir=od, progress=progress)
+        od = None if out_dir is None else run_dir(out_dir, name, v.label, seed, f)
+        if trained is not None: m, best = trained[f]
+        else: m, h = train_variant(v, cases, fit_idx, pick_idx, ecfg, seed, pretrained, out_dir=od, progress=progress); best = h.best_epoch
         for i in va:
-            pc = predict_case(m, cases[i], roi, c_oracle=_labels(cases[i]) if v.oracle_c else None)
+            pc = predict_case(m, cases[i], roi, c_oracle=_labels(cases[i]) if v.oracle_c else None, threshold=ecfg.threshold, **ecfg.infer)
             rows.append(dict(variant=v.label, seed=seed, fold=f, case_id=cases[i].case_id,
-                             best_epoch=h.best_epoch, **_case_metrics(pc['prob'], cases[i], ecfg.threshold)))
+                             best_epoch=best, **_case_metrics(pc['prob'], cases[i], ecfg.threshold)))
         models.append(m)
         if bar is not None: bar.update(1)
     return models, rows
@@ -268,7 +284,7 @@ def test_ensemble(v: Variant, seed: int,
     roi, test_rows, cls_rows, examples = _roi(ecfg.preset, v.context), [], [], {}
     for i in test_idx:
         c = cases[i]
-        pc = predict_case(models, c, roi, c_oracle=_labels(c) if v.oracle_c else None)
+        pc = predict_case(models, c, roi, c_oracle=_labels(c) if v.oracle_c else None, threshold=ecfg.threshold, **ecfg.infer)
         test_rows.append(dict(variant=v.label, seed=seed, case_id=c.case_id, **_case_metrics(pc['prob'], c, ecfg.threshold)))
         labels = _labels(c)
         if pc['cls'] is not None and not v.oracle_c:
@@ -280,6 +296,10 @@ def test_ensemble(v: Variant, seed: int,
     return test_rows, cls_rows, examples
 
 # %% ../nbs/09_experiments.ipynb #6e0304c7
+def _training_key(v: Variant, seed: int) -> tuple:
+    "What a variant's training depends on: rows that differ only in evaluation (the oracle c) share their fold models."
+    return (v.model, repr(sorted(v.overrides.items())), v.pretrained, tuple(v.freeze), v.context, seed)
+
 def run_experiment(table,                         # 'table1' / 'table2' / 'table3', or a list of `Variant`s
                    cases: list,                   # the target cases (e.g. `load_cases('lidc')`)
                    ecfg: Optional[ExperimentConfig] = None,
@@ -293,14 +313,17 @@ def run_experiment(table,                         # 'table1' / 'table2' / 'table
     name = name or (table if isinstance(table, str) else 'custom')
     t0 = time.time()
     split = experiment_split(cases, ecfg)
-    pre, cv_rows, test_rows, cls_rows, examples = {}, [], [], [], {}
+    pre, trained, cv_rows, test_rows, cls_rows, examples = {}, {}, [], [], [], {}
     bar = tqdm(total=len(variants) * len(ecfg.seeds) * ecfg.k, desc=name, unit='model', disable=not progress)
     for v in variants:
         for seed in ecfg.seeds:
-            if v.pretrained and seed not in pre:
+            if v.pretrained and seed not in pre and _training_key(v, seed) not in trained:
                 bar.set_postfix_str(f'pretraining on {ecfg.pretrain_cases} phantoms' if pretrain_cases is None else 'pretraining')
                 pre[seed] = pretrain_proposed(ecfg, pretrain_cases, seed=seed)
-            models, cv = cross_validate(v, seed, cases, split, ecfg, pre.get(seed), out_dir, name, progress, bar)
+            key = _training_key(v, seed)
+            models, cv = cross_validate(v, seed, cases, split, ecfg, pre.get(seed), out_dir, name, progress, bar, trained.get(key))
+            epochs = {r['fold']: r['best_epoch'] for r in cv}
+            trained[key] = [(m, epochs.get(f)) for f, m in enumerate(models)]
             te, cl, ex = test_ensemble(v, seed, models, cases, split['test'], ecfg, keep_examples=seed == ecfg.seeds[0])
             cv_rows += cv; test_rows += te; cls_rows += cl; examples.update(ex)
     bar.close()
@@ -549,3 +572,72 @@ def _has_tabulate() -> bool:
     try: import tabulate; return True
     except ImportError: return False
 
+
+# %% ../nbs/09_experiments.ipynb #31afc5cf
+def load_result(folder, name: str) -> ExperimentResult:
+    "The `ExperimentResult` that `ExperimentResult.save` wrote to `folder` (its figure examples are not saved)."
+    folder = Path(folder)
+    proto = json.loads((folder / f'{name}_protocol.json').read_text())
+    def read(part):
+        try: return pd.read_csv(folder / f'{name}_{part}.csv', index_col=0)
+        except pd.errors.EmptyDataError: return pd.DataFrame()
+    return ExperimentResult(name, proto['config'], read('cv'), read('test'), read('classifier'), {}, proto['split'], proto['seconds'])
+
+def fold_models(folder, name: str, label: str, seed: int, k: int) -> list:
+    "The k fold models of a variant and seed saved under `folder` by `run_experiment(..., out_dir=folder)`, in eval mode."
+    from lungseg.train import load_trained
+    models = []
+    for f in range(k):
+        d = run_dir(folder, name, label, seed, f)
+        ck = d / 'best.pt' if (d / 'best.pt').exists() else d / 'last.pt'
+        if not ck.exists(): raise FileNotFoundError(f"{d}: no best.pt or last.pt; was the experiment run with out_dir={folder}?")
+        models.append(load_trained(ck)[0])
+    return models
+
+def _variant(label: str) -> Variant:
+    "The `Variant` of a table row label (`TABLES`); a plain proposed-model row if no table has it."
+    return next((v for rows in TABLES.values() for v in rows if v.label == label), Variant(label))
+
+def rescore(folder, name: str, cases: list,
+            progress: bool = False,
+            **infer) -> ExperimentResult:   # `InferConfig` switches: keep_centre, tta_flip, gate_cls
+    "Score the held-out cases of a saved experiment again with its saved fold ensembles and the switches `infer`; trains nothing."
+    res = load_result(folder, name)
+    cfg = res.config
+    ecfg = ExperimentConfig(preset=cfg['preset'], k=cfg['k'], threshold=cfg['threshold'], infer=infer)
+    by_id = {c.case_id: i for i, c in enumerate(cases)}
+    missing = [cid for cid in res.split['test'] if cid not in by_id]
+    if missing: raise ValueError(f"{len(missing)} test case(s) of {folder} are not in `cases`, e.g. {missing[0]}: pass the experiment's data.")
+    test_idx, rows, cls = [by_id[cid] for cid in res.split['test']], [], []
+    labels = list(dict.fromkeys(res.test['variant']))   # a row that trained nothing (oracle c) uses its twin's models
+    twin = {l: next(t for t in labels if _training_key(_variant(t), 0) == _training_key(_variant(l), 0)) for l in labels}
+    pairs = res.test[['variant', 'seed']].drop_duplicates().itertuples(index=False)
+    for label, seed in tqdm(list(pairs), desc='rescore', unit='ensemble', disable=not progress):
+        models = fold_models(folder, name, twin[label], int(seed), ecfg.k)
+        te, cl, _ = test_ensemble(_variant(label), int(seed), models, cases, test_idx, ecfg, keep_examples=False)
+        rows += te; cls += cl
+    return replace(res, config={**cfg, 'infer': infer}, cv=res.cv.iloc[:0], test=pd.DataFrame(rows), cls=pd.DataFrame(cls), seconds=0.)
+
+# %% ../nbs/09_experiments.ipynb #6afe61cb
+def switch_table(base: ExperimentResult,       # the experiment as run (or `rescore`d with no switch)
+                 switched: dict,                # switch name -> `rescore`d result
+                 metrics=('dice', 'hd_capped'),
+                 n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    "Per model and switch: the metric means and the paired bootstrap 95% CI of (switch - none) on the test cases, with the misses."
+    names = {**METRICS, **CAPPED}
+    per = lambda r: _with_misses(r.test).groupby(['variant', 'case_id'])[list(metrics) + ['missed']].mean()
+    b, rows = per(base), []
+    for v in dict.fromkeys(base.test['variant']):
+        for sw, res in {'none': base, **switched}.items():
+            s = per(res).loc[v].reindex(b.loc[v].index)
+            row = dict(model=v, switch=sw, misses=int((s['missed'] > 0).sum()))
+            for m in metrics:
+                row[names[m]] = round(float(s[m].mean()), 3)
+                if sw != 'none':
+                    r = paired_bootstrap(s[m].values, b.loc[v][m].values, n_boot, seed)
+                    row[f'Δ{names[m]}'] = f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+            rows.append(row)
+    out = pd.DataFrame(rows).set_index(['model', 'switch']).fillna('')
+    out.attrs['legend'] = (f"Δ: mean of (switch - none) over the {len(b.loc[v])} test cases [95% paired bootstrap interval]; "
+                           "the same fold models in every row of a model.\n" + legend(out[[c for c in out if not c.startswith('Δ')]]))
+    return out
