@@ -22,9 +22,9 @@ from .metrics import segmentation_metrics, legend
 __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets',
            'train_variant', 'pretrain_phantoms', 'pretrain_proposed', 'ExperimentResult', 'experiment_split', 'run_dir',
            'cross_validate', 'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap',
-           'bootstrap_table', 'roc_auc', 'calibration', 'expected_calibration_error', 'classifier_report',
-           'reliability_plot', 'variant_colour', 'comparison_figure', 'table_legend', 'quickstart', 'load_result',
-           'fold_models', 'rescore', 'switch_table']
+           'bootstrap_table', 'results_table', 'markdown_table', 'roc_auc', 'calibration', 'expected_calibration_error',
+           'classifier_report', 'reliability_plot', 'variant_colour', 'comparison_figure', 'table_legend', 'quickstart',
+           'load_result', 'fold_models', 'rescore', 'switch_table']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -424,6 +424,40 @@ def bootstrap_table(res: ExperimentResult, reference: Optional[str] = None,
                            'n=k: only k pairs were finite (a miss has no HD/ASSD), so that interval ignores the misses.\n'
                            + legend(out, dict(misses=f'cases with an empty prediction although a nodule is there: {reference} / row')))
     return out
+
+# %% ../nbs/09_experiments.ipynb #967e3313
+def results_table(res: ExperimentResult, reference: Optional[str] = None,
+                  n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    "Per model on the test cases: Dice mean ± std, its 95% CI, the seed spread, HDc, finite HD, misses, and Δ Dice to `reference` with its paired CI."
+    test = _with_misses(res.test)
+    order = list(dict.fromkeys(test['variant']))
+    reference = reference or order[-1 if res.name == 'table1' else 0]
+    per = test.groupby(['variant', 'case_id'])[['dice', 'hd_capped', 'missed']].mean()   # each case averaged over seeds
+    ref, rng, rows = per.loc[reference], np.random.default_rng(seed), []
+    for v in order:
+        d, t = per.loc[v].reindex(ref.index), test[test['variant'] == v]
+        dv, nod = d['dice'].dropna().values, t[(t['tp'] + t['fn']) > 0]   # Dice is undefined on a nodule-free case
+        boots = dv[rng.integers(0, len(dv), (n_boot, len(dv)))].mean(1) if len(dv) else np.full(1, np.nan)
+        hd = t['hd'][np.isfinite(t['hd'])]
+        r = paired_bootstrap(d['dice'].values, ref['dice'].values, n_boot, seed)
+        rows.append({'Model': v, 'Dice': f"{dv.mean():.3f} ± {np.std(dv, ddof=1) if len(dv) > 1 else np.nan:.3f}",
+                     'Dice 95% CI': f"[{np.quantile(boots, 0.025):.3f}, {np.quantile(boots, 0.975):.3f}]",
+                     'seed sd': round(float(t.groupby('seed')['dice'].mean().std()), 3) if t['seed'].nunique() > 1 else np.nan,
+                     'HDc(mm)': round(float(d['hd_capped'].mean()), 1), 'HD(mm) finite': round(float(hd.mean()), 1) if len(hd) else np.nan,
+                     'misses': f"{int(nod['missed'].sum())} / {len(nod)}",
+                     f'Δ Dice vs {reference}': '' if v == reference else f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"})
+    out = pd.DataFrame(rows).set_index('Model')
+    out.attrs['legend'] = (f"Dice: mean ± std over the {int(ref['dice'].notna().sum())} test cases with a nodule (each averaged over {test['seed'].nunique()} seed(s)); "
+                           "95% CI: bootstrap over cases; seed sd: std of the mean Dice over seeds; HDc: Hausdorff distance with a miss "
+                           "counted as the volume diagonal; HD finite: misses left out; misses: empty predictions of a nodule "
+                           f"over (case, seed) pairs with a nodule; Δ Dice: row minus {reference}, paired bootstrap 95% interval.")
+    return out
+
+def markdown_table(df: pd.DataFrame) -> str:
+    "A table as GitHub Markdown (index as the first column), NaN as '-'."
+    cells = lambda vals: '| ' + ' | '.join('-' if isinstance(x, float) and np.isnan(x) else str(x) for x in vals) + ' |'
+    head = [df.index.name or ''] + list(df.columns)
+    return '\n'.join([cells(head), '|' + '---|' * len(head)] + [cells([i] + list(r)) for i, r in zip(df.index, df.values)])
 
 # %% ../nbs/09_experiments.ipynb #075aef40
 def roc_auc(prob, label) -> float:
