@@ -22,9 +22,9 @@ from .metrics import segmentation_metrics, legend
 __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets',
            'train_variant', 'pretrain_phantoms', 'pretrain_proposed', 'ExperimentResult', 'experiment_split', 'run_dir',
            'cross_validate', 'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap',
-           'bootstrap_table', 'results_table', 'markdown_table', 'roc_auc', 'calibration', 'expected_calibration_error',
-           'classifier_report', 'reliability_plot', 'variant_colour', 'comparison_figure', 'table_legend', 'quickstart',
-           'load_result', 'fold_models', 'rescore', 'switch_table']
+           'default_reference', 'bootstrap_table', 'results_table', 'markdown_table', 'roc_auc', 'calibration',
+           'expected_calibration_error', 'classifier_report', 'reliability_plot', 'variant_colour', 'comparison_figure',
+           'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore', 'switch_table']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -397,6 +397,12 @@ def paired_bootstrap(a, b,                  # per-case values of the reference a
     q = (1 - level) / 2
     return dict(diff=float(d.mean()), lo=float(np.quantile(boots, q)), hi=float(np.quantile(boots, 1 - q)), n=int(len(d)))
 
+def default_reference(res: ExperimentResult) -> str:
+    "The row the others are compared with: the proposed model in Table 1, 'Backbone + STD' in Table 3, else the first row."
+    order = list(dict.fromkeys(res.test['variant']))
+    pref = {'table1': 'Proposed model', 'table3': 'Backbone + STD'}.get(res.name.split('+')[0])
+    return pref if pref in order else order[-1 if res.name.startswith('table1') else 0]
+
 def bootstrap_table(res: ExperimentResult, reference: Optional[str] = None,
                     metrics=('dice', 'iou', 'hd', 'assd', 'hd_capped', 'assd_capped'),  # columns of res.test
                     n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -405,7 +411,7 @@ def bootstrap_table(res: ExperimentResult, reference: Optional[str] = None,
     metrics = [m for m in metrics if m in test and test[m].notna().any()]
     per = test.groupby(['variant', 'case_id'])[metrics + ['missed']].mean()
     order = list(dict.fromkeys(test['variant']))
-    reference = reference or order[-1 if res.name == 'table1' else 0]
+    reference = reference or default_reference(res)
     ref = per.loc[reference]
     names = {**METRICS, **CAPPED}
     rows = []
@@ -431,7 +437,7 @@ def results_table(res: ExperimentResult, reference: Optional[str] = None,
     "Per model on the test cases: Dice mean ± std, its 95% CI, the seed spread, HDc, finite HD, misses, and Δ Dice to `reference` with its paired CI."
     test = _with_misses(res.test)
     order = list(dict.fromkeys(test['variant']))
-    reference = reference or order[-1 if res.name == 'table1' else 0]
+    reference = reference or default_reference(res)
     per = test.groupby(['variant', 'case_id'])[['dice', 'hd_capped', 'missed']].mean()   # each case averaged over seeds
     ref, rng, rows = per.loc[reference], np.random.default_rng(seed), []
     for v in order:

@@ -31,3 +31,12 @@ def test_readme_python_example_runs(tmp_path):
     code = 'import torch; torch.set_num_threads(1)\n' + code + '\nassert out.seg.shape[-2:] == ds[0][0].shape[-2:]\n'
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_readme_results_table_is_the_saved_run():
+    "README's LIDC table is computed from the raw results saved in nbs/results/lidc, not typed in."
+    from lungseg.experiments import load_result, results_table, markdown_table
+    readme = (ROOT / 'README.md').read_text()
+    for name in ('table1', 'table3'):
+        table = markdown_table(results_table(load_result(ROOT / 'nbs' / 'results' / 'lidc', name)))
+        assert table in readme, f'README lacks the {name} table of nbs/results/lidc:\n{table}'
