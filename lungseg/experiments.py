@@ -91,6 +91,9 @@ class Variant:
     freeze: tuple = ()              # `lungseg.models.freeze_groups` groups for fine-tuning
     oracle_c: bool = False          # replace the classifier's c by the true nodule-present label (evaluation)
     context: int = 0                # neighbouring slices on each side as extra input channels (2.5D, not in the paper; 0: the paper's input)
+    augment: dict = field(default_factory=dict)  # extra `SliceDataset` augmentations for this row, on top of `ExperimentConfig.augment` (not in the paper)
+    train: dict = field(default_factory=dict)    # `TrainConfig` overrides for this row, e.g. dice_per_sample=True (not in the paper)
+    epochs_factor: int = 1          # train this many times the protocol's epochs, its learning-rate steps stretched alike (not in the paper)
 
 TABLES = {
     'table1': [Variant('UNet', 'unet'), Variant('ResUNet', 'resunet'), Variant('ResUNet++', 'resunetpp'),
@@ -103,7 +106,10 @@ TABLES = {
                Variant('Backbone + STD'),
                Variant('Backbone + TL + STD', pretrained=True),
                Variant('Backbone + STD, oracle c', oracle_c=True)],
-    'beyond': [Variant('Proposed (paper input)'), Variant('Proposed, 2.5D (1 slice each side)', context=1)],
+    'beyond': [Variant('Proposed (paper input)'), Variant('Proposed, 2.5D (1 slice each side)', context=1),
+               Variant('Proposed, rot90 + scale + intensity', augment=dict(rot90=True, scale=0.15, intensity=0.1)),
+               Variant('Proposed, per-sample Dice', train=dict(dice_per_sample=True)),
+               Variant('Proposed, twice the epochs', epochs_factor=2)],
 }
 
 # %% ../nbs/09_experiments.ipynb #081ba29d
@@ -140,8 +146,9 @@ def train_variant(v: Variant,                # the table row to train
     if v.freeze:
         from lungseg.models import freeze_groups
         freeze_groups(model, list(v.freeze))
-    tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset, v.context), ecfg.augment)
-    cfg = replace(ecfg.train, seed=seed, progress=progress, live_plot=False)
+    tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset, v.context), {**ecfg.augment, **v.augment})
+    cfg = replace(ecfg.train, **v.train, seed=seed, progress=progress, live_plot=False)
+    cfg = replace(cfg, epochs=cfg.epochs * v.epochs_factor, step_every=cfg.step_every * v.epochs_factor)
     hist = fit(model, tr, va, cfg, out_dir, spec=spec)
     if hist.interrupted: raise KeyboardInterrupt   # Ctrl-C stops the whole experiment, not just this fold's training
     if out_dir is not None and (Path(out_dir) / 'best.pt').exists():
@@ -298,7 +305,8 @@ def test_ensemble(v: Variant, seed: int,
 # %% ../nbs/09_experiments.ipynb #6e0304c7
 def _training_key(v: Variant, seed: int) -> tuple:
     "What a variant's training depends on: rows that differ only in evaluation (the oracle c) share their fold models."
-    return (v.model, repr(sorted(v.overrides.items())), v.pretrained, tuple(v.freeze), v.context, seed)
+    return (v.model, repr(sorted(v.overrides.items())), v.pretrained, tuple(v.freeze), v.context,
+            repr(sorted(v.augment.items())), repr(sorted(v.train.items())), v.epochs_factor, seed)
 
 def run_experiment(table,                         # 'table1' / 'table2' / 'table3', or a list of `Variant`s
                    cases: list,                   # the target cases (e.g. `load_cases('lidc')`)
