@@ -447,10 +447,11 @@ def results_table(res: ExperimentResult, reference: Optional[str] = None,
     order = list(dict.fromkeys(test['variant']))
     reference = reference or default_reference(res)
     per = test.groupby(['variant', 'case_id'])[['dice', 'hd_capped', 'missed']].mean()   # each case averaged over seeds
-    ref, rng, rows = per.loc[reference], np.random.default_rng(seed), []
+    ref, rows = per.loc[reference], []
     for v in order:
         d, t = per.loc[v].reindex(ref.index), test[test['variant'] == v]
         dv, nod = d['dice'].dropna().values, t[(t['tp'] + t['fn']) > 0]   # Dice is undefined on a nodule-free case
+        rng = np.random.default_rng(seed)   # each row its own draws: a model's interval does not depend on the rows above it
         boots = dv[rng.integers(0, len(dv), (n_boot, len(dv)))].mean(1) if len(dv) else np.full(1, np.nan)
         hd = t['hd'][np.isfinite(t['hd'])]
         r = paired_bootstrap(d['dice'].values, ref['dice'].values, n_boot, seed)
