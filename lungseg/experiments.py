@@ -451,12 +451,11 @@ def results_table(res: ExperimentResult, reference: Optional[str] = None,
     for v in order:
         d, t = per.loc[v].reindex(ref.index), test[test['variant'] == v]
         dv, nod = d['dice'].dropna().values, t[(t['tp'] + t['fn']) > 0]   # Dice is undefined on a nodule-free case
-        rng = np.random.default_rng(seed)   # each row its own draws: a model's interval does not depend on the rows above it
-        boots = dv[rng.integers(0, len(dv), (n_boot, len(dv)))].mean(1) if len(dv) else np.full(1, np.nan)
+        ci = paired_bootstrap(dv, np.zeros_like(dv), n_boot, seed)   # the mean against 0: its own bootstrap interval
         hd = t['hd'][np.isfinite(t['hd'])]
         r = paired_bootstrap(d['dice'].values, ref['dice'].values, n_boot, seed)
         rows.append({'Model': v, 'Dice': f"{dv.mean():.3f} ± {np.std(dv, ddof=1) if len(dv) > 1 else np.nan:.3f}",
-                     'Dice 95% CI': f"[{np.quantile(boots, 0.025):.3f}, {np.quantile(boots, 0.975):.3f}]",
+                     'Dice 95% CI': f"[{ci['lo']:.3f}, {ci['hi']:.3f}]",
                      'seed sd': round(float(t.groupby('seed')['dice'].mean().std()), 3) if t['seed'].nunique() > 1 else np.nan,
                      'HDc(mm)': round(float(d['hd_capped'].mean()), 1), 'HD(mm) finite': round(float(hd.mean()), 1) if len(hd) else np.nan,
                      'misses': f"{int(nod['missed'].sum())} / {len(nod)}",
@@ -522,10 +521,14 @@ def reliability_plot(res: ExperimentResult, ax=None):
     return ax
 
 # %% ../nbs/09_experiments.ipynb #0aff8af3
+def _table_variant(label: str) -> Optional[Variant]:
+    "The `Variant` of a table row label in `TABLES`, or None."
+    return next((v for rows in TABLES.values() for v in rows if v.label == label), None)
+
 def variant_colour(label: str) -> str:
     "The colour of a table row in figures: its model's colour (`lungseg.baselines.model_colour`), found through `TABLES`."
     from lungseg.baselines import model_colour
-    v = next((v for rows in TABLES.values() for v in rows if v.label == label), None)
+    v = _table_variant(label)
     return model_colour(v.model if v is not None else label)
 
 def comparison_figure(res: ExperimentResult, n_cases: int = 4, case_ids: Optional[list] = None, window=(-1200, 400)):
@@ -645,7 +648,7 @@ def fold_models(folder, name: str, label: str, seed: int, k: int) -> list:
 
 def _variant(label: str) -> Variant:
     "The `Variant` of a table row label (`TABLES`); a plain proposed-model row if no table has it."
-    return next((v for rows in TABLES.values() for v in rows if v.label == label), Variant(label))
+    return _table_variant(label) or Variant(label)
 
 def rescore(folder, name: str, cases: list,
             progress: bool = False,
