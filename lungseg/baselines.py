@@ -13,9 +13,9 @@ from .blocks import (SegOutput, ConvBNReLU, DoubleConv, ResidualUnit, UpBlock, S
                             ResNetBody, check_input_size, count_params)
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'MODEL_COLOURS', 'UNetConfig', 'UNet', 'ResUNetConfig', 'ResUNet', 'ResUNetPPConfig', 'ResUNetPP',
-           'DeepLabV3PlusConfig', 'DeepLabV3Plus', 'model_classes', 'build_model', 'model_colour', 'contour_legend',
-           'check_model_contract']
+__all__ = ['MODEL_NAMES', 'REFERENCE_MODELS', 'MODEL_COLOURS', 'UNetConfig', 'UNet', 'ResUNetConfig', 'ResUNet',
+           'ResUNetPPConfig', 'ResUNetPP', 'DeepLabV3PlusConfig', 'DeepLabV3Plus', 'MonaiBasicUNetConfig',
+           'MonaiBasicUNet', 'model_classes', 'build_model', 'model_colour', 'contour_legend', 'check_model_contract']
 
 # %% ../nbs/06_baselines.ipynb #d62623c2
 def _check(model: nn.Module, x: Tensor):
@@ -183,21 +183,60 @@ class DeepLabV3Plus(nn.Module):
         y = self.head(self.decoder(torch.cat([y, low], 1)))
         return SegOutput(F.interpolate(y, size=x.shape[-2:], mode='bilinear', align_corners=False))
 
-# %% ../nbs/06_baselines.ipynb #e3dfa51d
-MODEL_NAMES = ('proposed', 'unet', 'resunet', 'resunetpp', 'deeplabv3plus')
-_BASELINES = {'unet': (UNetConfig, UNet), 'resunet': (ResUNetConfig, ResUNet),
-              'resunetpp': (ResUNetPPConfig, ResUNetPP), 'deeplabv3plus': (DeepLabV3PlusConfig, DeepLabV3Plus)}
+# %% ../nbs/06_baselines.ipynb #f47e7817
+@dataclass
+class MonaiBasicUNetConfig:
+    "MONAI's `BasicUNet` in 2D; None keeps MONAI's own default for that argument."
+    in_ch: int = 1 # input channels
+    features: tuple = (32, 32, 64, 128, 256, 32) # MONAI's default: five encoder widths and the last decoder width
+    norm: str|None = None # MONAI norm name, e.g. 'batch'; None: MONAI's default (instance norm)
+    act: str|None = None # MONAI activation name, e.g. 'relu'; None: MONAI's default (LeakyReLU, slope 0.1)
+    dropout: float = 0. # dropout probability
+    def __post_init__(self):
+        self.features = tuple(self.features)
+        if len(self.features) != 6: raise ValueError(f"MonaiBasicUNetConfig.features needs 6 entries (as MONAI's BasicUNet); got {self.features}")
+    @classmethod
+    def paper(cls):
+        "MONAI's defaults (the paper has no MONAI model; this is the reference as users would run it)."
+        return cls()
+    @classmethod
+    def small(cls):
+        "MONAI's defaults too: the reference is only fair if it is the network users would actually get."
+        return cls()
 
-def model_classes(name: str # one of MODEL_NAMES
+class MonaiBasicUNet(nn.Module):
+    "MONAI's `BasicUNet` (2D) behind the lungseg model contract: input [B, C, H, W] with H, W multiples of 16, output `SegOutput`."
+    size_multiple = 16
+    def __init__(self, cfg: MonaiBasicUNetConfig|None=None):
+        super().__init__()
+        try: from monai.networks.nets import BasicUNet
+        except ImportError as e:
+            raise ImportError("The 'monai_basicunet' reference model needs MONAI: pip install monai") from e
+        self.cfg = cfg = cfg or MonaiBasicUNetConfig.small()
+        opts = {k: v for k, v in dict(norm=cfg.norm, act=cfg.act).items() if v is not None}
+        self.net = BasicUNet(spatial_dims=2, in_channels=cfg.in_ch, out_channels=1, features=cfg.features,
+                             dropout=cfg.dropout, **opts)
+    def forward(self, x: Tensor) -> SegOutput:
+        _check(self, x)
+        return SegOutput(self.net(x))
+
+# %% ../nbs/06_baselines.ipynb #e3dfa51d
+MODEL_NAMES = ('proposed', 'unet', 'resunet', 'resunetpp', 'deeplabv3plus')   # the paper's models
+REFERENCE_MODELS = ('monai_basicunet',)   # outside references (optional dependencies), buildable by name too
+_BASELINES = {'unet': (UNetConfig, UNet), 'resunet': (ResUNetConfig, ResUNet),
+              'resunetpp': (ResUNetPPConfig, ResUNetPP), 'deeplabv3plus': (DeepLabV3PlusConfig, DeepLabV3Plus),
+              'monai_basicunet': (MonaiBasicUNetConfig, MonaiBasicUNet)}
+
+def model_classes(name: str # one of MODEL_NAMES or REFERENCE_MODELS
                  ) -> tuple[type, type]:
     "The (config dataclass, model class) pair registered under `name`."
-    if name not in MODEL_NAMES:
-        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
+    if name not in MODEL_NAMES + REFERENCE_MODELS:
+        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODEL_NAMES + REFERENCE_MODELS)}.")
     if name in _BASELINES: return _BASELINES[name]
     models = importlib.import_module('lungseg.models')  # lazy: lungseg.models itself may use this module
     return models.ProposedConfig, models.ProposedModel
 
-def build_model(name: str, # one of MODEL_NAMES
+def build_model(name: str, # one of MODEL_NAMES or REFERENCE_MODELS
                 preset='small', # 'small', 'paper', or a config instance of the model's config class
                 **overrides, # config fields to change, e.g. widths=(8, 16, 32, 64)
                ) -> nn.Module:
@@ -213,13 +252,13 @@ def build_model(name: str, # one of MODEL_NAMES
 
 # %% ../nbs/06_baselines.ipynb #a13d8aed
 MODEL_COLOURS = dict(proposed='tab:red', unet='tab:blue', resunet='tab:green', resunetpp='tab:purple',
-                     deeplabv3plus='tab:orange', truth='lime')   # one colour per model in every figure; truth: ground-truth contours
+                     deeplabv3plus='tab:orange', monai_basicunet='tab:brown', truth='lime')   # one colour per model in every figure; truth: ground-truth contours
 
 def model_colour(name: str, # a MODEL_NAMES entry, 'truth', or a display label such as 'U-Net' or 'ResUNet++'
                 ) -> str:
     "The matplotlib colour of model `name` in every lungseg figure (grey for a name lungseg does not know)."
     key = name.lower().replace('-', '').replace(' ', '')
-    key = {'deeplabv3+': 'deeplabv3plus', 'resunet++': 'resunetpp'}.get(key, key)
+    key = {'deeplabv3+': 'deeplabv3plus', 'resunet++': 'resunetpp', 'monaibasicunet': 'monai_basicunet'}.get(key, key)
     return MODEL_COLOURS.get(key, MODEL_COLOURS.get(key.split('(')[0].split(',')[0], 'tab:gray'))
 
 def contour_legend(fig,                  # a matplotlib Figure

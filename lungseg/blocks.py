@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_blocks.ipynb #78d30a56
 from __future__ import annotations
-import copy
+import contextlib, copy
 import numpy as np
 from typing import NamedTuple, Optional, Sequence
 import torch
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['SegOutput', 'count_params', 'check_input_size', 'AtrousConv2d', 'ConvBNReLU', 'DepthwiseSeparableConv', 'BNReLUConv',
-           'ResidualUnit', 'SqueezeExcite', 'AttentionGate', 'ASPP', 'input_footprint', 'tap_coverage', 'Bottleneck',
-           'ResNetBody', 'FeatureCombination', 'DoubleConv', 'UpBlock']
+__all__ = ['NORMS', 'SegOutput', 'count_params', 'check_input_size', 'norm2d', 'norm_layers', 'AtrousConv2d', 'ConvBNReLU',
+           'DepthwiseSeparableConv', 'BNReLUConv', 'ResidualUnit', 'SqueezeExcite', 'AttentionGate', 'ASPP',
+           'input_footprint', 'tap_coverage', 'Bottleneck', 'ResNetBody', 'FeatureCombination', 'DoubleConv', 'UpBlock']
 
 # %% ../nbs/04_blocks.ipynb #d62623c2
 class SegOutput(NamedTuple):
@@ -48,6 +48,23 @@ def check_input_size(x: Tensor, # the batch a model was given
         raise ValueError(f"{name} needs H and W to be multiples of {multiple}; got {H} x {W}. "
                          f"Crop or pad the ROI, e.g. to {up(H)} x {up(W)} (RoiConfig size).")
 
+# %% ../nbs/04_blocks.ipynb #19b8d2d6
+NORMS = ('batch', 'instance')   # the normalisation layers a block can have
+_NORM_KIND = ['batch']          # the kind `norm2d` makes now; changed only inside `norm_layers`
+
+def norm2d(ch: int, # channels to normalise
+          ) -> nn.Module:
+    "The normalisation layer of every block: `BatchNorm2d`, or an affine `InstanceNorm2d` inside `norm_layers('instance')`."
+    return nn.BatchNorm2d(ch) if _NORM_KIND[-1] == 'batch' else nn.InstanceNorm2d(ch, affine=True)
+
+@contextlib.contextmanager
+def norm_layers(kind: str): # 'batch' or 'instance'
+    "Blocks built inside this context get `kind` normalisation."
+    if kind not in NORMS: raise ValueError(f"norm must be one of {NORMS}; got {kind!r}")
+    _NORM_KIND.append(kind)
+    try: yield
+    finally: _NORM_KIND.pop()
+
 # %% ../nbs/04_blocks.ipynb #0fa98132
 def _pad(ks: int, dilation: int=1) -> int: return dilation * (ks // 2)
 
@@ -73,7 +90,7 @@ class ConvBNReLU(nn.Sequential):
                  act: bool=True, # finish with a ReLU
                 ):
         conv = AtrousConv2d if dilation > 1 else nn.Conv2d
-        layers = [conv(ni, nf, ks, stride, _pad(ks, dilation), dilation, bias=False), nn.BatchNorm2d(nf)]
+        layers = [conv(ni, nf, ks, stride, _pad(ks, dilation), dilation, bias=False), norm2d(nf)]
         super().__init__(*layers + ([nn.ReLU(inplace=True)] if act else []))
 
 # %% ../nbs/04_blocks.ipynb #c8adc1c8
@@ -101,7 +118,7 @@ class BNReLUConv(nn.Sequential):
                  separable: bool=False, # use a DepthwiseSeparableConv instead of a plain conv
                 ):
         super().__init__()
-        self.bn, self.relu = nn.BatchNorm2d(ni), nn.ReLU(inplace=False)
+        self.bn, self.relu = norm2d(ni), nn.ReLU(inplace=False)
         self.conv = (DepthwiseSeparableConv(ni, nf, ks, stride, dilation) if separable and ks > 1
                      else nn.Conv2d(ni, nf, ks, stride, _pad(ks, dilation), dilation, bias=False))
 
@@ -120,7 +137,7 @@ class ResidualUnit(nn.Module):
         else: self.conv1 = nn.Conv2d(ni, nf, 3, stride, 1, bias=False)
         self.conv2 = BNReLUConv(nf, nf, 3)
         self.shortcut = (nn.Identity() if ni == nf and stride == 1 else
-                         nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), nn.BatchNorm2d(nf)))
+                         nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), norm2d(nf)))
     def forward(self, x: Tensor) -> Tensor: return self.conv2(self.conv1(x)) + self.shortcut(x)
 
 # %% ../nbs/04_blocks.ipynb #e1e4e656
@@ -226,13 +243,13 @@ class Bottleneck(nn.Module):
                 ):
         super().__init__()
         nf = width * self.expansion
-        self.conv1, self.bn1 = nn.Conv2d(ni, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv1, self.bn1 = nn.Conv2d(ni, width, 1, bias=False), norm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, nf, 1, bias=False), nn.BatchNorm2d(nf)
+        self.bn2 = norm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, nf, 1, bias=False), norm2d(nf)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = (None if ni == nf and stride == 1 else
-                           nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), nn.BatchNorm2d(nf)))
+                           nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), norm2d(nf)))
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
@@ -249,7 +266,7 @@ class ResNetBody(nn.Module):
                 ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, base, 7, 2, 3, bias=False)
-        self.bn1, self.relu = nn.BatchNorm2d(base), nn.ReLU(inplace=True)
+        self.bn1, self.relu = norm2d(base), nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         ni, self.channels = base, [base]
         for i, n in enumerate(layers):

@@ -24,7 +24,8 @@ __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'Experime
            'cross_validate', 'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap',
            'default_reference', 'bootstrap_table', 'results_table', 'markdown_table', 'roc_auc', 'calibration',
            'expected_calibration_error', 'classifier_report', 'reliability_plot', 'variant_colour', 'comparison_figure',
-           'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore', 'switch_table']
+           'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore', 'combine_results', 'switch_table',
+           'subgroup_table']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -109,7 +110,9 @@ TABLES = {
     'beyond': [Variant('Proposed (paper input)'), Variant('Proposed, 2.5D (1 slice each side)', context=1),
                Variant('Proposed, rot90 + scale + intensity', augment=dict(rot90=True, scale=0.15, intensity=0.1)),
                Variant('Proposed, per-sample Dice', train=dict(dice_per_sample=True)),
-               Variant('Proposed, twice the epochs', epochs_factor=2)],
+               Variant('Proposed, twice the epochs', epochs_factor=2),
+               Variant('Proposed, classifier loss x3', train=dict(w_cls_bce=3.))],
+    'reference': [Variant('MONAI BasicUNet', 'monai_basicunet')],   # an outside reference on Table 1's protocol (not in the paper)
 }
 
 # %% ../nbs/09_experiments.ipynb #081ba29d
@@ -670,6 +673,22 @@ def rescore(folder, name: str, cases: list,
         rows += te; cls += cl
     return replace(res, config={**cfg, 'infer': infer}, cv=res.cv.iloc[:0], test=pd.DataFrame(rows), cls=pd.DataFrame(cls), seconds=0.)
 
+# %% ../nbs/09_experiments.ipynb #e5c99097
+def combine_results(*results: ExperimentResult,
+                    name: Optional[str] = None) -> ExperimentResult:   # default: the first run's name (it picks `default_reference`)
+    "The rows of several experiments run on the same split, as one `ExperimentResult`."
+    if not results: raise ValueError("combine_results needs at least one ExperimentResult.")
+    first = results[0]
+    for r in results[1:]:
+        if r.split != first.split:
+            raise ValueError(f"{r.name!r} was run on another split than {first.name!r}: its cases cannot be paired with it.")
+    labels = [v for r in results for v in dict.fromkeys(r.test['variant'])]
+    if dup := sorted({v for v in labels if labels.count(v) > 1}):
+        raise ValueError(f"row label(s) {dup} appear in more than one result: relabel one (its `test.variant`) first.")
+    cat = lambda k: pd.concat([getattr(r, k) for r in results], ignore_index=True)
+    return replace(first, name=name or first.name, cv=cat('cv'), test=cat('test'), cls=cat('cls'),
+                   examples={k: v for r in results for k, v in r.examples.items()}, seconds=sum(r.seconds for r in results))
+
 # %% ../nbs/09_experiments.ipynb #6afe61cb
 def switch_table(base: ExperimentResult,       # the experiment as run (or `rescore`d with no switch)
                  switched: dict,                # switch name -> `rescore`d result
@@ -692,4 +711,29 @@ def switch_table(base: ExperimentResult,       # the experiment as run (or `resc
     out = pd.DataFrame(rows).set_index(['model', 'switch']).fillna('')
     out.attrs['legend'] = (f"Δ: mean of (switch - none) over the {len(b.loc[v])} test cases [95% paired bootstrap interval]; "
                            "the same fold models in every row of a model.\n" + legend(out[[c for c in out if not c.startswith('Δ')]]))
+    return out
+
+# %% ../nbs/09_experiments.ipynb #6d31715f
+def subgroup_table(res: ExperimentResult,
+                   groups: dict,              # case_id -> subgroup name, for every test case (e.g. from `Case.meta`)
+                   metric: str = 'dice',      # a column of `res.test`
+                   n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    "Per model and subgroup of the test cases: the case count, the metric's mean with its bootstrap 95% CI, and the classifier's slice AUC."
+    missing = sorted(set(res.test['case_id']) - set(groups))
+    if missing: raise ValueError(f"{len(missing)} test case(s) have no subgroup in `groups`, e.g. {missing[0]!r}: give every test case one.")
+    per = res.test.groupby(['variant', 'case_id'])[metric].mean()   # each case averaged over seeds
+    names, rows = {**METRICS, **CAPPED}, []
+    for v in dict.fromkeys(res.test['variant']):
+        d = per.loc[v].dropna()
+        cls = res.cls[res.cls['variant'] == v] if not res.cls.empty else res.cls
+        for g in sorted(set(groups[c] for c in d.index)):
+            x = d[[groups[c] == g for c in d.index]].values
+            ci = paired_bootstrap(x, np.zeros_like(x), n_boot, seed)
+            s = cls[[groups[c] == g for c in cls['case_id']]] if len(cls) else cls
+            rows.append({'model': v, 'subgroup': g, 'cases': len(x), names.get(metric, metric): round(float(x.mean()), 3),
+                         '95% CI': f"[{ci['lo']:.3f}, {ci['hi']:.3f}]",
+                         'slice AUC': round(roc_auc(s['prob'], s['label']), 3) if len(s) else np.nan})
+    out = pd.DataFrame(rows).set_index(['model', 'subgroup'])
+    out.attrs['legend'] = (f"{names.get(metric, metric)}: mean over the subgroup's test cases (each averaged over seeds); 95% CI: bootstrap over "
+                           "those cases; slice AUC: the classifier's c against the slice labels, pooled over the subgroup's test slices (- : no classifier).")
     return out
