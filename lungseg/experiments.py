@@ -24,8 +24,8 @@ __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'Experime
            'cross_validate', 'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap',
            'default_reference', 'bootstrap_table', 'results_table', 'markdown_table', 'roc_auc', 'calibration',
            'expected_calibration_error', 'classifier_report', 'reliability_plot', 'variant_colour', 'comparison_figure',
-           'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore', 'combine_results', 'switch_table',
-           'subgroup_table']
+           'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore', 'combine_results', 'every_case',
+           'select_rows', 'switch_table', 'subgroup_table']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -111,8 +111,10 @@ TABLES = {
                Variant('Proposed, rot90 + scale + intensity', augment=dict(rot90=True, scale=0.15, intensity=0.1)),
                Variant('Proposed, per-sample Dice', train=dict(dice_per_sample=True)),
                Variant('Proposed, twice the epochs', epochs_factor=2),
-               Variant('Proposed, classifier loss x3', train=dict(w_cls_bce=3.))],
-    'reference': [Variant('MONAI BasicUNet', 'monai_basicunet')],   # an outside reference on Table 1's protocol (not in the paper)
+               Variant('Proposed, classifier loss x3', train=dict(w_cls_bce=3.)),
+               Variant('Proposed, instance norm', overrides=dict(norm='instance'))],
+    'reference': [Variant('MONAI BasicUNet', 'monai_basicunet'),        # an outside reference on Table 1's protocol (not in the paper)
+                  Variant('MONAI BasicUNet, batch norm', 'monai_basicunet', overrides=dict(norm='batch'))],
 }
 
 # %% ../nbs/09_experiments.ipynb #081ba29d
@@ -688,6 +690,19 @@ def combine_results(*results: ExperimentResult,
     cat = lambda k: pd.concat([getattr(r, k) for r in results], ignore_index=True)
     return replace(first, name=name or first.name, cv=cat('cv'), test=cat('test'), cls=cat('cls'),
                    examples={k: v for r in results for k, v in r.examples.items()}, seconds=sum(r.seconds for r in results))
+
+def every_case(res: ExperimentResult) -> ExperimentResult:
+    "Each case scored once by models that never trained on it, as `test`: the fold models' rows of their validation cases, then the ensemble's rows of the test cases."
+    cv = res.cv[[c for c in res.test.columns if c in res.cv.columns]]
+    if cv.duplicated(['variant', 'seed', 'case_id']).any():
+        raise ValueError("a case is scored by more than one fold model of the same seed: every_case pools the folds of one k-fold run.")
+    return replace(res, test=pd.concat([cv, res.test], ignore_index=True))
+
+def select_rows(res: ExperimentResult, *labels: str) -> ExperimentResult:
+    "Only the rows of the variants `labels` (in that order), e.g. to set one row of a run beside another run."
+    if bad := [l for l in labels if l not in set(res.test['variant'])]: raise ValueError(f"{res.name!r} has no row(s) {bad}.")
+    keep = lambda df: pd.concat([df[df['variant'] == l] for l in labels], ignore_index=True) if len(df) else df
+    return replace(res, cv=keep(res.cv), test=keep(res.test), cls=keep(res.cls), examples={k: v for k, v in res.examples.items() if k[0] in labels})
 
 # %% ../nbs/09_experiments.ipynb #6afe61cb
 def switch_table(base: ExperimentResult,       # the experiment as run (or `rescore`d with no switch)
