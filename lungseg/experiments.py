@@ -112,7 +112,9 @@ TABLES = {
                Variant('Proposed, per-sample Dice', train=dict(dice_per_sample=True)),
                Variant('Proposed, twice the epochs', epochs_factor=2),
                Variant('Proposed, classifier loss x3', train=dict(w_cls_bce=3.)),
-               Variant('Proposed, instance norm', overrides=dict(norm='instance'))],
+               Variant('Proposed, instance norm', overrides=dict(norm='instance')),
+               Variant('Proposed, instance norm in the segmenter', overrides=dict(norm='instance', cls_norm='batch')),
+               Variant('Proposed, segmenter widths 16-256', overrides=dict(widths=(16, 32, 64, 128, 256)))],
     'reference': [Variant('MONAI BasicUNet', 'monai_basicunet'),        # an outside reference on Table 1's protocol (not in the paper)
                   Variant('MONAI BasicUNet, batch norm', 'monai_basicunet', overrides=dict(norm='batch'))],
 }

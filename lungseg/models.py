@@ -46,12 +46,14 @@ class ProposedConfig:
     std_sigma: float = 1. # initial Gaussian width sigma of the STD head, pixels (learned)
     std_lam2_init: float = 1. # initial lambda2 (learned; unused when `std_lam2` is False)
     norm: str = 'batch' # normalisation in every block: 'batch' (the paper) or 'instance' (not in the paper; see `lungseg.blocks.norm_layers`)
+    cls_norm: str|None = None # the classifier's normalisation if different from `norm` (e.g. 'batch' with norm='instance')
 
     def __post_init__(self):
         self.widths, self.cls_layers, self.aspp_rates = tuple(self.widths), tuple(self.cls_layers), tuple(self.aspp_rates)
         if len(self.widths) != 5: raise ValueError(f"ProposedConfig.widths needs 5 entries (S1..S5); got {self.widths}")
         if len(self.cls_layers) != 4: raise ValueError(f"ProposedConfig.cls_layers needs 4 entries (the ResNet stages); got {self.cls_layers}")
         if self.norm not in NORMS: raise ValueError(f"ProposedConfig.norm must be one of {NORMS}; got {self.norm!r}")
+        if self.cls_norm not in NORMS + (None,): raise ValueError(f"ProposedConfig.cls_norm must be None or one of {NORMS}; got {self.cls_norm!r}")
         if self.aspp_merge not in ('sum', 'cat'): raise ValueError(f"ProposedConfig.aspp_merge must be 'sum' or 'cat'; got {self.aspp_merge!r}")
 
     @classmethod
@@ -163,8 +165,9 @@ class ProposedModel(nn.Module):
                 ):
         super().__init__()
         self.cfg = cfg = cfg or ProposedConfig.small()
-        with norm_layers(cfg.norm):   # every block's normalisation layer
+        with norm_layers(cfg.cls_norm or cfg.norm):   # every block's normalisation layer
             self.classifier = NoduleClassifier(cfg.in_ch, cfg.cls_base, cfg.cls_layers)
+        with norm_layers(cfg.norm):
             self.segmenter = ModifiedResUNet(cfg.in_ch, cfg.widths, cfg.aspp_rates, cfg.aspp_merge, cfg.up)
         cch = self.classifier.body.channels
         self.combination = (nn.ModuleDict({f'F{s}': FeatureCombination(cch[c - 1], cfg.widths[s - 1])
