@@ -742,11 +742,11 @@ def subgroup_table(res: ExperimentResult,
     names, rows = {**METRICS, **CAPPED}, []
     for v in dict.fromkeys(res.test['variant']):
         d = per.loc[v].dropna()
-        cls = res.cls[res.cls['variant'] == v] if not res.cls.empty else res.cls
-        for g in sorted(set(groups[c] for c in d.index)):
-            x = d[[groups[c] == g for c in d.index]].values
+        in_group, cls = d.index.map(groups), res.cls[res.cls['variant'] == v] if len(res.cls) else res.cls
+        for g in sorted(set(in_group)):
+            x = d[in_group == g].values
             ci = paired_bootstrap(x, np.zeros_like(x), n_boot, seed)
-            s = cls[[groups[c] == g for c in cls['case_id']]] if len(cls) else cls
+            s = cls[cls['case_id'].map(groups) == g] if len(cls) else cls
             rows.append({'model': v, 'subgroup': g, 'cases': len(x), names.get(metric, metric): round(float(x.mean()), 3),
                          '95% CI': f"[{ci['lo']:.3f}, {ci['hi']:.3f}]",
                          'slice AUC': round(roc_auc(s['prob'], s['label']), 3) if len(s) else np.nan})
