@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['MODEL_CHOICES', 'default_threads', 'cmd_segment', 'build_parser', 'cmd_train', 'cmd_evaluate', 'cmd_experiment',
-           'cmd_quickstart', 'cmd_bench', 'main']
+__all__ = ['MODEL_CHOICES', 'TRAIN_MODEL_CHOICES', 'NORM_CHOICES', 'default_threads', 'cmd_segment', 'build_parser', 'cmd_train',
+           'cmd_evaluate', 'cmd_experiment', 'cmd_quickstart', 'cmd_bench', 'main']
 
 # %% ../nbs/09a_cli.ipynb #6c950817
 _DATA_HELP = ("case folder (images/<id>.nii.gz + masks/<id>.nii.gz, any SimpleITK format or DICOM series folders), "
@@ -19,6 +19,8 @@ _DATA_HELP = ("case folder (images/<id>.nii.gz + masks/<id>.nii.gz, any SimpleIT
               "for N synthetic cases")
 
 MODEL_CHOICES = ('proposed', 'unet', 'resunet', 'resunetpp', 'deeplabv3plus')   # lungseg.baselines.MODEL_NAMES (without importing torch)
+TRAIN_MODEL_CHOICES = MODEL_CHOICES + ('monai_basicunet',)   # plus lungseg.baselines.REFERENCE_MODELS, which need monai
+NORM_CHOICES = ('batch', 'instance')   # lungseg.blocks.NORMS
 
 def _int_at_least(lo: int):
     "An argparse `type=` for whole numbers >= `lo`: the error names the option (`argument --epochs: must be at least 1, got 0`)."
@@ -103,8 +105,15 @@ def _add_train_parser(sub):
                                    "every epoch writes OUT/last.pt, and OUT/best.pt when the validation Dice improves. "
                                    "Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.")
     t.add_argument('--data', required=True, help=_DATA_HELP)
-    t.add_argument('--model', default='proposed', choices=MODEL_CHOICES, metavar='MODEL',
-                   help="proposed, unet, resunet, resunetpp or deeplabv3plus (default proposed)")
+    t.add_argument('--model', default='proposed', choices=TRAIN_MODEL_CHOICES, metavar='MODEL',
+                   help="proposed, unet, resunet, resunetpp, deeplabv3plus, or monai_basicunet (MONAI's BasicUNet, "
+                        "an outside reference; needs `pip install monai`) (default proposed)")
+    t.add_argument('--norm', choices=NORM_CHOICES, default=None,
+                   help="normalisation layers (not in the paper): of the proposed model (its classifier too, unless --cls-norm "
+                        "says otherwise), or of monai_basicunet. Default: the model's own (batch; monai_basicunet: instance)")
+    t.add_argument('--cls-norm', choices=NORM_CHOICES, default=None,
+                   help="proposed model: normalisation of the classifier (default: as --norm). "
+                        "'--norm instance --cls-norm batch' scored best on the LIDC sample (09_experiments)")
     t.add_argument('--out', required=True, help='folder for last.pt, best.pt and history.csv')
     t.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
     t.add_argument('--recipe', choices=['finetune', 'pretrain'], default=None,
@@ -271,6 +280,14 @@ def _check_split(cases: list, data, n_needed: int, what: str):
     return groups
 
 # %% ../nbs/09a_cli.ipynb #b6fc7b22
+def _norm_overrides(a) -> dict:
+    "The `build_model` options that --norm and --cls-norm set; a model they do not apply to is an error."
+    if getattr(a, 'norm', None) and a.model not in ('proposed', 'monai_basicunet'):
+        raise ValueError(f"--norm applies to the proposed model and monai_basicunet, not to {a.model}.")
+    if getattr(a, 'cls_norm', None) and a.model != 'proposed':
+        raise ValueError(f"--cls-norm sets the proposed model's classifier; {a.model} has no classifier.")
+    return {k: v for k, v in (('norm', getattr(a, 'norm', None)), ('cls_norm', getattr(a, 'cls_norm', None))) if v}
+
 def _train_setup(a, out: Path) -> tuple:
     "(spec, TrainConfig, val_frac, seed) of a new run, or of the run in --out that --resume continues."
     from lungseg.train import TrainConfig, model_spec, pick_device, load_checkpoint
@@ -288,7 +305,7 @@ def _train_setup(a, out: Path) -> tuple:
         recipe = a.recipe or 'finetune'
         cfg = _train_config(preset, recipe, a)
         std = False if (a.no_std or recipe == 'pretrain') else None
-        spec = dict(model_spec(a.model, preset, std_enabled=std, **({'in_ch': 1 + 2 * a.context} if a.context else {})),
+        spec = dict(model_spec(a.model, preset, std_enabled=std, **_norm_overrides(a), **({'in_ch': 1 + 2 * a.context} if a.context else {})),
                     val_frac=a.val_frac, split_seed=a.seed, data=str(a.data))
         val_frac, seed = a.val_frac, a.seed
         if (out / 'last.pt').exists():

@@ -250,6 +250,26 @@ def test_context_train_evaluate_segment(tmp_path, case_folder):
     assert r.returncode == 2 and '--context' in r.stderr, r.stderr
 
 
+def test_norm_switches_train_evaluate(tmp_path, case_folder):
+    "--norm/--cls-norm (not in the paper): the checkpoint records them, evaluate rebuilds the same layers; MONAI's U-Net trains by name."
+    out = tmp_path / 'mixed'
+    lungseg('train', '--data', case_folder, '--epochs', 1, '--norm', 'instance', '--cls-norm', 'batch', '--device', 'cpu', '--out', out, '--threads', 1, cwd=tmp_path)
+    import torch
+    from lungseg.train import load_trained
+    model, ck = load_trained(out / 'best.pt')
+    assert ck['spec']['name'] == 'proposed' and ck['spec']['overrides'] == {'norm': 'instance', 'cls_norm': 'batch'}, ck['spec']
+    kinds = lambda m: {type(l).__name__ for l in m.modules()} & {'BatchNorm2d', 'InstanceNorm2d'}
+    assert kinds(model.segmenter) == {'InstanceNorm2d'} and kinds(model.classifier) == {'BatchNorm2d'}
+    js = tmp_path / 'metrics.json'
+    lungseg('evaluate', '--checkpoint', out / 'best.pt', '--data', case_folder, '--out', js, '--device', 'cpu', '--threads', 1, cwd=tmp_path)
+    assert json.loads(js.read_text())['n_cases'] == 8
+    lungseg('train', '--data', case_folder, '--model', 'monai_basicunet', '--epochs', 1, '--device', 'cpu', '--out', tmp_path / 'monai', '--threads', 1, cwd=tmp_path)
+    assert torch.load(tmp_path / 'monai' / 'best.pt', weights_only=True)['spec']['name'] == 'monai_basicunet'
+    r = lungseg('train', '--data', case_folder, '--model', 'unet', '--norm', 'instance', '--out', tmp_path / 'bad', cwd=tmp_path, check=False)
+    assert r.returncode == 2 and '--norm applies to the proposed model and monai_basicunet, not to unet' in r.stderr, r.stderr
+    assert not (tmp_path / 'bad').exists()
+
+
 def test_ctrl_c_then_resume(tmp_path, case_folder):
     out = tmp_path / 'run'
     args = ['train', '--data', case_folder, '--model', 'unet', '--epochs', 4, '--device', 'cpu', '--out', out, '--threads', 1]
