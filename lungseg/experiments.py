@@ -659,23 +659,32 @@ def _variant(label: str) -> Variant:
 
 def rescore(folder, name: str, cases: list,
             progress: bool = False,
+            cv: bool = False,   # also score each fold model on its own validation cases again (for `every_case`)
             **infer) -> ExperimentResult:   # `InferConfig` switches: keep_centre, tta_flip, gate_cls
-    "Score the held-out cases of a saved experiment again with its saved fold ensembles and the switches `infer`; trains nothing."
+    "Score the held-out cases (with `cv`, each fold's validation cases too) of a saved experiment again with its saved fold models and the switches `infer`; trains nothing."
     res = load_result(folder, name)
     cfg = res.config
     ecfg = ExperimentConfig(preset=cfg['preset'], k=cfg['k'], threshold=cfg['threshold'], infer=infer)
     by_id = {c.case_id: i for i, c in enumerate(cases)}
-    missing = [cid for cid in res.split['test'] if cid not in by_id]
-    if missing: raise ValueError(f"{len(missing)} test case(s) of {folder} are not in `cases`, e.g. {missing[0]}: pass the experiment's data.")
-    test_idx, rows, cls = [by_id[cid] for cid in res.split['test']], [], []
+    needed = list(res.split['test']) + ([cid for va in res.split['folds'] for cid in va] if cv else [])
+    missing = [cid for cid in needed if cid not in by_id]
+    if missing: raise ValueError(f"{len(missing)} case(s) of {folder} are not in `cases`, e.g. {missing[0]}: pass the experiment's data.")
+    test_idx, rows, cls, cv_rows = [by_id[cid] for cid in res.split['test']], [], [], []
+    val_split = dict(folds=[(None, [by_id[cid] for cid in va]) for va in res.split['folds']], picks=[(None, None)] * len(res.split['folds']))
     labels = list(dict.fromkeys(res.test['variant']))   # a row that trained nothing (oracle c) uses its twin's models
     twin = {l: next(t for t in labels if _training_key(_variant(t), 0) == _training_key(_variant(l), 0)) for l in labels}
     pairs = res.test[['variant', 'seed']].drop_duplicates().itertuples(index=False)
     for label, seed in tqdm(list(pairs), desc='rescore', unit='ensemble', disable=not progress):
         models = fold_models(folder, name, twin[label], int(seed), ecfg.k)
+        if cv:   # the fold models' own validation cases, each with the epoch it was chosen at
+            mine = res.cv[(res.cv['variant'] == label) & (res.cv['seed'] == seed)]
+            best = mine.groupby('fold')['best_epoch'].first()
+            cv_rows += cross_validate(_variant(label), int(seed), cases, val_split, ecfg,
+                                      trained=[(m, best.get(f)) for f, m in enumerate(models)])[1]
         te, cl, _ = test_ensemble(_variant(label), int(seed), models, cases, test_idx, ecfg, keep_examples=False)
         rows += te; cls += cl
-    return replace(res, config={**cfg, 'infer': infer}, cv=res.cv.iloc[:0], test=pd.DataFrame(rows), cls=pd.DataFrame(cls), seconds=0.)
+    cv_frame = pd.DataFrame(cv_rows) if cv else res.cv.iloc[:0]
+    return replace(res, config={**cfg, 'infer': infer}, cv=cv_frame, test=pd.DataFrame(rows), cls=pd.DataFrame(cls), seconds=0.)
 
 # %% ../nbs/09_experiments.ipynb #e5c99097
 def combine_results(*results: ExperimentResult,
