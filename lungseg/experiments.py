@@ -25,7 +25,7 @@ __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'Experime
            'default_reference', 'bootstrap_table', 'results_table', 'markdown_table', 'roc_auc', 'calibration',
            'expected_calibration_error', 'classifier_report', 'reliability_plot', 'variant_colour', 'comparison_figure',
            'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore', 'combine_results', 'every_case',
-           'select_rows', 'switch_table', 'subgroup_table']
+           'pool_repeats', 'select_rows', 'switch_table', 'subgroup_table']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -708,6 +708,20 @@ def every_case(res: ExperimentResult) -> ExperimentResult:
     if cv.duplicated(['variant', 'seed', 'case_id']).any():
         raise ValueError("a case is scored by more than one fold model of the same seed: every_case pools the folds of one k-fold run.")
     return replace(res, test=pd.concat([cv, res.test], ignore_index=True))
+
+def pool_repeats(*results: ExperimentResult,
+                 name: Optional[str] = None) -> ExperimentResult:   # default: the first run's name
+    "`every_case` results of the same models repeated with other seeds (each seed its own split), as one result: each case has a row per repeat, which `results_table` averages."
+    if not results: raise ValueError("pool_repeats needs at least one ExperimentResult.")
+    first, models = results[0], [set(r.test['variant']) for r in results]
+    if any(m != models[0] for m in models): raise ValueError(f"every repeat needs the same rows (models); got {[sorted(m) for m in models]}.")
+    if any(set(r.test['case_id']) != set(first.test['case_id']) for r in results):
+        raise ValueError("the repeats scored different cases: pool `every_case` results of the same data.")
+    seeds = [int(s) for r in results for s in dict.fromkeys(r.test['seed'])]
+    if len(set(seeds)) < len(seeds): raise ValueError(f"two repeats share a seed ({seeds}): a repeat is a run with another seed.")
+    cat = lambda k: pd.concat([getattr(r, k) for r in results], ignore_index=True)
+    return replace(first, name=name or first.name, config={**first.config, 'seeds': seeds}, cv=cat('cv'), test=cat('test'), cls=cat('cls'),
+                   examples={}, split=dict(repeats=[r.split for r in results]), seconds=sum(r.seconds for r in results))
 
 def select_rows(res: ExperimentResult, *labels: str) -> ExperimentResult:
     "Only the rows of the variants `labels` (in that order), e.g. to set one row of a run beside another run."
