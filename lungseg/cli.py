@@ -282,11 +282,11 @@ def _check_split(cases: list, data, n_needed: int, what: str):
 # %% ../nbs/09a_cli.ipynb #b6fc7b22
 def _norm_overrides(a) -> dict:
     "The `build_model` options that --norm and --cls-norm set; a model they do not apply to is an error."
-    if getattr(a, 'norm', None) and a.model not in ('proposed', 'monai_basicunet'):
+    if a.norm and a.model not in ('proposed', 'monai_basicunet'):
         raise ValueError(f"--norm applies to the proposed model and monai_basicunet, not to {a.model}.")
-    if getattr(a, 'cls_norm', None) and a.model != 'proposed':
+    if a.cls_norm and a.model != 'proposed':
         raise ValueError(f"--cls-norm sets the proposed model's classifier; {a.model} has no classifier.")
-    return {k: v for k, v in (('norm', getattr(a, 'norm', None)), ('cls_norm', getattr(a, 'cls_norm', None))) if v}
+    return {k: v for k, v in (('norm', a.norm), ('cls_norm', a.cls_norm)) if v}
 
 def _train_setup(a, out: Path) -> tuple:
     "(spec, TrainConfig, val_frac, seed) of a new run, or of the run in --out that --resume continues."

@@ -670,16 +670,16 @@ def rescore(folder, name: str, cases: list,
     missing = [cid for cid in needed if cid not in by_id]
     if missing: raise ValueError(f"{len(missing)} case(s) of {folder} are not in `cases`, e.g. {missing[0]}: pass the experiment's data.")
     test_idx, rows, cls, cv_rows = [by_id[cid] for cid in res.split['test']], [], [], []
-    val_split = dict(folds=[(None, [by_id[cid] for cid in va]) for va in res.split['folds']], picks=[(None, None)] * len(res.split['folds']))
     labels = list(dict.fromkeys(res.test['variant']))   # a row that trained nothing (oracle c) uses its twin's models
     twin = {l: next(t for t in labels if _training_key(_variant(t), 0) == _training_key(_variant(l), 0)) for l in labels}
     pairs = res.test[['variant', 'seed']].drop_duplicates().itertuples(index=False)
     for label, seed in tqdm(list(pairs), desc='rescore', unit='ensemble', disable=not progress):
         models = fold_models(folder, name, twin[label], int(seed), ecfg.k)
-        if cv:   # the fold models' own validation cases, each with the epoch it was chosen at
+        if cv:   # the fold models' own validation cases (only those are read from the split), each with the epoch it was chosen at
             mine = res.cv[(res.cv['variant'] == label) & (res.cv['seed'] == seed)]
             best = mine.groupby('fold')['best_epoch'].first()
-            cv_rows += cross_validate(_variant(label), int(seed), cases, val_split, ecfg,
+            folds = [(None, [by_id[cid] for cid in va]) for va in res.split['folds']]
+            cv_rows += cross_validate(_variant(label), int(seed), cases, dict(folds=folds, picks=[(None, None)] * len(folds)), ecfg,
                                       trained=[(m, best.get(f)) for f, m in enumerate(models)])[1]
         te, cl, _ = test_ensemble(_variant(label), int(seed), models, cases, test_idx, ecfg, keep_examples=False)
         rows += te; cls += cl
