@@ -75,10 +75,12 @@ def _add_switches(p, keep_centre: bool = True):
                        help='keep only the 3D connected component at (or nearest) the centre of each case volume (a nodule cube is centred on its nodule)')
     p.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean over the slice and its two mirror images)')
     p.add_argument('--gate', action='store_true', help="empty every slice whose classifier probability c is below 0.5 (models with a classifier)")
+    p.add_argument('--planes', choices=['axial', 'all'], default='axial',
+                   help="'all' (not in the paper): average the probabilities of axial, coronal and sagittal slices through each voxel (default axial)")
 
 def _switches(a) -> dict:
     "The `InferConfig` fields that `_add_switches`'s options set."
-    return dict(keep_centre=getattr(a, 'keep_centre', False), tta_flip=a.tta, gate_cls=a.gate)
+    return dict(keep_centre=getattr(a, 'keep_centre', False), tta_flip=a.tta, gate_cls=a.gate, planes=a.planes)
 
 # %% ../nbs/09a_cli.ipynb #953146ad
 def _add_quickstart_parser(sub):
@@ -123,6 +125,9 @@ def _add_train_parser(sub):
     t.add_argument('--no-std', action='store_true', help='proposed model: train without the STD head (as for pretraining)')
     t.add_argument('--context', type=_int_at_least(0), default=0, metavar='K',
                    help='2.5D input (not in the paper): give the network K neighbouring slices on each side as extra channels (default 0: one slice)')
+    t.add_argument('--planes', choices=['axial', 'all'], default='axial',
+                   help="training slices: 'axial' (the paper's) or 'all' (not in the paper): also coronal and sagittal slices, "
+                        "each epoch as many batches as axial alone (default axial)")
     t.add_argument('--init', default=None, help='start from the weights of this checkpoint (transfer learning)')
     t.add_argument('--freeze', nargs='*', default=[], help='proposed model: groups to freeze (S1 S5 S9 C1 FC), with --init')
     _add_common(t)
@@ -151,7 +156,7 @@ def _add_experiment_parser(sub):
                        description="Run a table of the paper: k-fold cross-validation on the training split, the held-out "
                                    "test split scored by the ensemble of the fold models, tables as mean ± std, paired "
                                    "bootstrap 95% CIs against the reference row, the classifier's AUC and calibration.")
-    x.add_argument('table', choices=['table1', 'table2', 'table3', 'beyond', 'reference'], help='table1: comparative study; table2: freezing strategies; table3: ablations; beyond: the configuration of the paper against switches that are not in the paper (2.5D input, more augmentation, per-sample Dice, twice the epochs, a heavier classifier loss); reference: MONAI BasicUNet (needs monai)')
+    x.add_argument('table', choices=['table1', 'table2', 'table3', 'beyond', 'reference', 'planes'], help='table1: comparative study; table2: freezing strategies; table3: ablations; beyond: the configuration of the paper against switches that are not in the paper (2.5D input, more augmentation, per-sample Dice, twice the epochs, a heavier classifier loss); reference: MONAI BasicUNet (needs monai); planes: the best proposed variant and MONAI BasicUNet trained on axial, coronal and sagittal slices (not in the paper)')
     x.add_argument('--data', default='lidc', help=_DATA_HELP + " (default lidc)")
     x.add_argument('--model', nargs='+', default=None, choices=MODEL_CHOICES, metavar='MODEL',
                    help='table1 only: the models to include (default: all five)')
@@ -298,6 +303,7 @@ def _train_setup(a, out: Path) -> tuple:
         spec, cfg = ck['spec'], TrainConfig.from_dict(ck['config'])
         cfg = replace(cfg, device=a.device, num_workers=a.workers, **({'epochs': a.epochs} if a.epochs is not None else {}))
         val_frac, seed = spec.get('val_frac', a.val_frac), spec.get('split_seed', a.seed)
+        a.planes = spec.get('train_planes', 'axial')   # resume cuts the training slices as the run began
         print(f"Resuming {out / 'last.pt'}: {spec['name']} ({spec['preset']}), epoch {ck['epoch']} step {ck['step']} of {cfg.epochs}")
     else:
         device = pick_device(a.device)
@@ -306,7 +312,7 @@ def _train_setup(a, out: Path) -> tuple:
         cfg = _train_config(preset, recipe, a)
         std = False if (a.no_std or recipe == 'pretrain') else None
         spec = dict(model_spec(a.model, preset, std_enabled=std, **_norm_overrides(a), **({'in_ch': 1 + 2 * a.context} if a.context else {})),
-                    val_frac=a.val_frac, split_seed=a.seed, data=str(a.data))
+                    val_frac=a.val_frac, split_seed=a.seed, data=str(a.data), train_planes=a.planes)
         val_frac, seed = a.val_frac, a.seed
         if (out / 'last.pt').exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): add --resume to continue it, or choose another --out.")
@@ -333,7 +339,7 @@ def cmd_train(a) -> int:
     "`lungseg train`: split the cases, train one model, checkpoint to --out."
     _setup_torch(a)
     from lungseg.train import fit
-    from lungseg.experiments import load_cases, slice_datasets
+    from lungseg.experiments import load_cases, slice_datasets, axial_steps
     from lungseg.inference import spec_roi
     from lungseg.data import holdout_split
     out = Path(a.out)
@@ -348,7 +354,8 @@ def cmd_train(a) -> int:
     if not any(_has_nodule(cases[i]) for i in va):
         raise ValueError(f"None of the {len(va)} validation case(s) has a nodule, so there is no validation Dice to pick "
                          f"best.pt by. Use a larger --val-frac (now {val_frac}) or another --seed (it shuffles the split), or add cases with nodules.")
-    tr_ds, va_ds = slice_datasets(cases, tv, va, spec_roi(spec))
+    tr_ds, va_ds = slice_datasets(cases, tv, va, spec_roi(spec), planes=a.planes)
+    cfg = axial_steps(cfg, tr_ds, a.planes)
     print(f"{len(cases)} cases: {len(tv)} training ({len(tr_ds)} slices), {len(va)} validation ({len(va_ds)} slices)")
     from lungseg.train import seed_everything
     seed_everything(cfg.seed)
@@ -419,7 +426,7 @@ def cmd_experiment(a) -> int:
                    **({'k': a.folds} if a.folds else {}), **({'test_frac': a.test_frac} if a.test_frac else {}),
                    seeds=tuple(a.seeds) if a.seeds else (a.seed,),
                    **({'pretrain_phantoms': a.pretrain_phantoms} if a.pretrain_phantoms else {}),
-                   infer={k: True for k, on in _switches(a).items() if on})
+                   infer={k: v for k, v in _switches(a).items() if v and v != 'axial'})   # only the switches that are on
     variants = TABLES[a.table]
     if a.model:
         if a.table != 'table1': raise ValueError("--model selects models of table1 only.")

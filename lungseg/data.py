@@ -16,11 +16,12 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'CTFileError', 'CTVolume', 'volume_suffix', 'volume_stem',
+__all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'PLANES', 'CTFileError', 'CTVolume', 'volume_suffix', 'volume_stem',
            'read_volume', 'move_entries', 'write_volume', 'save_figure', 'write_dicom_series', 'Case', 'check_mask',
            'load_case_folder', 'write_case_folder', 'scan_id', 'load_scans', 'lidc_dir', 'find_lidc', 'resample_volume',
            'read_luna_csv', 'luna_to_voxel', 'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'roi_grid',
-           'context_index', 'extract_slices', 'normalize_hu', 'SliceDataset', 'kfold_split', 'holdout_split']
+           'context_index', 'extract_slices', 'permute_volume', 'plane_view', 'normalize_hu', 'SliceDataset',
+           'kfold_split', 'holdout_split']
 
 # %% ../nbs/01_data.ipynb #c007
 class CTFileError(ValueError):
@@ -788,6 +789,27 @@ def extract_slices(cases:list, # cases with nodule masks (e.g. from `load_case_f
     return SliceSet(np.concatenate(imgs), masks, masks.reshape(len(masks), -1).any(1), np.array(cidx), [c.case_id for c in cases],
                     np.array(psp, float), np.array([c.image.spacing[0] for c in cases], float), np.array(ridx), np.array(zidx), rois,
                     [str(c.meta.get('patient_id', c.case_id)) for c in cases], np.concatenate(ctxs) if k else None)
+
+# %% ../nbs/01_data.ipynb #6469f6c1
+PLANES = {'axial': (0, 1, 2), 'coronal': (1, 0, 2), 'sagittal': (2, 0, 1)}   # the array axes of each view (slices along z, y or x)
+
+def permute_volume(vol:CTVolume, # the volume
+                   axes # a permutation of (0, 1, 2), as for `np.transpose`
+                  ) -> CTVolume:
+    "The same voxels with the array axes reordered: spacing and direction follow, so every voxel keeps its world position."
+    axes = tuple(int(a) for a in axes)
+    if sorted(axes) != [0, 1, 2]: raise ValueError(f"axes must be a permutation of (0, 1, 2), got {axes}")
+    itk = [2 - a for a in axes[::-1]]   # the input's ITK index axis (x, y, z order) behind each new one
+    return CTVolume(np.transpose(vol.array, axes), tuple(vol.spacing[a] for a in axes), vol.origin, vol.direction[:, itk], vol.path)
+
+def plane_view(case:Case, # a case, sliced axially as stored
+               plane:str # 'axial' (the case itself), 'coronal' (slices along y) or 'sagittal' (slices along x)
+              ) -> Case:
+    "The case sliced along another axis (array views, no copy); rows of coronal and sagittal slices run along z."
+    if plane not in PLANES: raise ValueError(f"plane must be one of {list(PLANES)}, got {plane!r}")
+    if plane == 'axial': return case
+    axes = PLANES[plane]
+    return Case(case.case_id, permute_volume(case.image, axes), None if case.mask is None else np.transpose(case.mask, axes), dict(case.meta))
 
 # %% ../nbs/01_data.ipynb #c076
 def normalize_hu(hu, # HU values: numpy array or torch tensor

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, holdout_split, load_case_folder, lidc_dir
+from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, PLANES, plane_view, holdout_split, load_case_folder, lidc_dir
 from .phantoms import PhantomConfig, make_phantom_cases
 from .train import TrainConfig, fit, seed_everything, model_spec, build_from_spec, pick_device, save_checkpoint
 from .inference import predict_case, evaluate_cases
@@ -20,12 +20,12 @@ from .metrics import segmentation_metrics, legend
 
 # %% auto #0
 __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'ExperimentConfig', 'Variant', 'slice_datasets',
-           'train_variant', 'pretrain_phantoms', 'pretrain_proposed', 'ExperimentResult', 'experiment_split', 'run_dir',
-           'cross_validate', 'test_ensemble', 'run_experiment', 'summary', 'show', 'paired_bootstrap',
-           'default_reference', 'bootstrap_table', 'results_table', 'markdown_table', 'roc_auc', 'calibration',
-           'expected_calibration_error', 'classifier_report', 'reliability_plot', 'variant_colour', 'comparison_figure',
-           'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore', 'combine_results', 'every_case',
-           'pool_repeats', 'select_rows', 'switch_table', 'subgroup_table']
+           'axial_steps', 'train_variant', 'pretrain_phantoms', 'pretrain_proposed', 'ExperimentResult',
+           'experiment_split', 'run_dir', 'cross_validate', 'test_ensemble', 'run_experiment', 'summary', 'show',
+           'paired_bootstrap', 'default_reference', 'bootstrap_table', 'results_table', 'markdown_table', 'roc_auc',
+           'calibration', 'expected_calibration_error', 'classifier_report', 'reliability_plot', 'variant_colour',
+           'comparison_figure', 'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore',
+           'combine_results', 'every_case', 'pool_repeats', 'select_rows', 'switch_table', 'subgroup_table']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -95,6 +95,7 @@ class Variant:
     augment: dict = field(default_factory=dict)  # extra `SliceDataset` augmentations for this row, on top of `ExperimentConfig.augment` (not in the paper)
     train: dict = field(default_factory=dict)    # `TrainConfig` overrides for this row, e.g. dice_per_sample=True (not in the paper)
     epochs_factor: int = 1          # train this many times the protocol's epochs, its learning-rate steps stretched alike (not in the paper)
+    planes: str = 'axial'           # training slices: 'axial' (the paper's), or 'all': also coronal and sagittal, as many batches per epoch (not in the paper)
 
 TABLES = {
     'table1': [Variant('UNet', 'unet'), Variant('ResUNet', 'resunet'), Variant('ResUNet++', 'resunetpp'),
@@ -117,6 +118,8 @@ TABLES = {
                Variant('Proposed, segmenter widths 16-256', overrides=dict(widths=(16, 32, 64, 128, 256)))],
     'reference': [Variant('MONAI BasicUNet', 'monai_basicunet'),        # an outside reference on Table 1's protocol (not in the paper)
                   Variant('MONAI BasicUNet, batch norm', 'monai_basicunet', overrides=dict(norm='batch'))],
+    'planes': [Variant('Proposed, instance norm in the segmenter, all planes', overrides=dict(norm='instance', cls_norm='batch'), planes='all'),
+               Variant('MONAI BasicUNet, all planes', 'monai_basicunet', planes='all')],   # training on coronal and sagittal slices too
 }
 
 # %% ../nbs/09_experiments.ipynb #081ba29d
@@ -124,14 +127,23 @@ def _roi(preset: str, context: int = 0) -> RoiConfig:
     return replace(RoiConfig.paper() if preset == 'paper' else RoiConfig.small(), context=context)
 
 def slice_datasets(cases: list, train_idx, val_idx, roi_cfg: RoiConfig,
-                   augment: Optional[dict] = None) -> tuple:  # extra `SliceDataset` switches for the training slices
+                   augment: Optional[dict] = None,  # extra `SliceDataset` switches for the training slices
+                   planes: str = 'axial') -> tuple: # 'all': training slices also from each case's coronal and sagittal views (validation stays axial)
     "(train, val) `SliceDataset`s of the cases at the given indices; cases without a nodule give no ROI slices (val None if none has one)."
+    if planes not in ('axial', 'all'): raise ValueError(f"planes must be 'axial' or 'all', got {planes!r}")
     tr_cases = [cases[i] for i in train_idx if np.asarray(cases[i].mask).any()]
     va_cases = [cases[i] for i in val_idx if np.asarray(cases[i].mask).any()]
     if not tr_cases: raise ValueError(f"None of the {len(train_idx)} training cases has a nodule in its mask: nothing to train on.")
-    tr = SliceDataset(extract_slices(tr_cases, roi_cfg), augment=True, **(augment or {}))
+    views = [plane_view(c, p) for p in (PLANES if planes == 'all' else ('axial',)) for c in tr_cases]   # axial views first
+    tr = SliceDataset(extract_slices(views, roi_cfg), augment=True, **(augment or {}))
     va = SliceDataset(extract_slices(va_cases, roi_cfg)) if va_cases else None
     return tr, va
+
+def axial_steps(cfg: TrainConfig, tr: SliceDataset, planes: str) -> TrainConfig:
+    "With planes='all', each epoch stops after the batches the axial slices alone give (`max_steps`): the steps and time of axial training."
+    if planes == 'axial': return cfg
+    n_axial = int((tr.slices.case_index < len(tr.slices.case_ids) // len(PLANES)).sum())   # `slice_datasets` puts the axial views first
+    return replace(cfg, max_steps=min(cfg.max_steps or n_axial, -(-n_axial // cfg.batch_size)))
 
 def train_variant(v: Variant,                # the table row to train
                   cases: list,               # all cases
@@ -153,9 +165,10 @@ def train_variant(v: Variant,                # the table row to train
     if v.freeze:
         from lungseg.models import freeze_groups
         freeze_groups(model, list(v.freeze))
-    tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset, v.context), {**ecfg.augment, **v.augment})
+    tr, va = slice_datasets(cases, train_idx, val_idx, _roi(ecfg.preset, v.context), {**ecfg.augment, **v.augment}, v.planes)
     cfg = replace(ecfg.train, **v.train, seed=seed, progress=progress, live_plot=False)
     cfg = replace(cfg, epochs=cfg.epochs * v.epochs_factor, step_every=cfg.step_every * v.epochs_factor)
+    cfg = axial_steps(cfg, tr, v.planes)
     hist = fit(model, tr, va, cfg, out_dir, spec=spec)
     if hist.interrupted: raise KeyboardInterrupt   # Ctrl-C stops the whole experiment, not just this fold's training
     if out_dir is not None and (Path(out_dir) / 'best.pt').exists():
@@ -313,7 +326,7 @@ def test_ensemble(v: Variant, seed: int,
 def _training_key(v: Variant, seed: int) -> tuple:
     "What a variant's training depends on: rows that differ only in evaluation (the oracle c) share their fold models."
     return (v.model, repr(sorted(v.overrides.items())), v.pretrained, tuple(v.freeze), v.context,
-            repr(sorted(v.augment.items())), repr(sorted(v.train.items())), v.epochs_factor, seed)
+            repr(sorted(v.augment.items())), repr(sorted(v.train.items())), v.epochs_factor, v.planes, seed)
 
 def run_experiment(table,                         # 'table1' / 'table2' / 'table3', or a list of `Variant`s
                    cases: list,                   # the target cases (e.g. `load_cases('lidc')`)

@@ -17,7 +17,8 @@ from scipy.spatial import ConvexHull, QhullError
 from tqdm.auto import tqdm
 from .blocks import SegOutput
 from .data import (CTFileError, CTVolume, Case, RoiConfig, roi_grid, _sample_planes, _atomic_write, normalize_hu, context_index,
-                          luna_to_voxel, load_scans, scan_id, write_volume)
+                          luna_to_voxel, load_scans, scan_id, write_volume,
+                          PLANES, plane_view)
 from .metrics import segmentation_metrics
 from .train import TrainConfig, _autocast, _to_float, _unwrap, load_trained
 
@@ -31,7 +32,7 @@ __all__ = ['InferConfig', 'roi_inputs', 'spec_roi', 'channels_last', 'run_models
 # %% ../nbs/12_segment.ipynb #9409cd7e
 @dataclass
 class InferConfig:
-    "How trained models are applied: threshold, HU window, batching, and three optional switches (all off by default)."
+    "How trained models are applied: threshold, HU window, batching, and four optional switches (all off by default)."
     threshold: float = 0.5          # probability above which a pixel is nodule
     window: tuple = (-1200, 400)    # HU window of Eq. 6 (the `SliceDataset` default)
     batch_size: int = 16            # ROI slices per forward pass
@@ -39,9 +40,11 @@ class InferConfig:
     tta_flip: bool = False          # test-time augmentation: mean over the slice, its left-right and its up-down flip
     gate_cls: bool = False          # slice gating: a slice whose classifier c < 0.5 is empty (models with a classifier)
     keep_centre: bool = False       # keep only the 3D connected component at (or nearest) the ROI centre
+    planes: str = 'axial'           # 'axial': the paper's axial slices; 'all': mean probability of the axial, coronal and sagittal views
 
     def __post_init__(self):
         if not 0 < self.threshold < 1: raise ValueError(f"InferConfig.threshold must be in (0, 1), got {self.threshold}")
+        if self.planes not in ('axial', 'all'): raise ValueError(f"InferConfig.planes must be 'axial' or 'all', got {self.planes!r}")
         if self.batch_size < 1: raise ValueError(f"InferConfig.batch_size must be >= 1, got {self.batch_size}")
 
 def _as_list(models) -> list: return list(models) if isinstance(models, (list, tuple)) else [models]
@@ -177,6 +180,16 @@ def tile_centres(shape_yx, spacing_yx, roi_cfg: RoiConfig) -> list:
         axes.append([(n - 1) / 2] if k == 1 else np.linspace(half, n - 1 - half, k).tolist())
     return [(cy, cx) for cy in axes[0] for cx in axes[1]]
 
+def _tiled_slices(models, vol: CTVolume, roi_cfg: RoiConfig, icfg: InferConfig, c_oracle=None) -> tuple:
+    "(probabilities (z, y, x), c per slice or None) of every slice of `vol`, tiled with training-sized ROIs, overlaps averaged."
+    zs = np.arange(vol.shape[0])
+    prob, cover, cls = np.zeros(vol.shape, np.float32), np.zeros(vol.shape[1:], np.float32), None
+    for cy, cx in tile_centres(vol.shape[1:], vol.spacing[1:], roi_cfg):
+        r = predict_roi(models, vol, (0., cy, cx), zs, roi_cfg, icfg, c_oracle)
+        prob[(slice(None),) + r['box'][1:]] += r['prob']; cover[r['box'][1:]] += 1
+        if r['cls'] is not None: cls = r['cls'] if cls is None else np.maximum(cls, r['cls'])
+    return prob / np.maximum(cover, 1), cls
+
 def predict_case(models,                  # a model, or a list of models (ensemble: mean of probabilities)
                  case: Case,              # a `lungseg.data.Case` (image in HU), e.g. a nodule cube
                  roi_cfg: RoiConfig,      # the `RoiConfig` the models were trained with
@@ -186,14 +199,18 @@ def predict_case(models,                  # a model, or a list of models (ensemb
     "Probabilities for every slice of `case`'s volume, seen through training-sized ROIs: {'prob': (z,y,x) float32, 'cls': (z,) or None}."
     icfg = replace(icfg or InferConfig(), **kw)
     vol = case.image
-    zs = np.arange(vol.shape[0])
-    prob, cover, cls = np.zeros(vol.shape, np.float32), np.zeros(vol.shape[1:], np.float32), None
+    views = ('axial',) if icfg.planes == 'axial' else tuple(PLANES)
+    if len(views) > 1:
+        if c_oracle is not None: raise ValueError("oracle c gives the labels of axial slices: use it with planes='axial'")
+        if roi_cfg.spacing_mm is None and not np.allclose(vol.spacing, vol.spacing[0], rtol=0.05):
+            raise ValueError(f"planes='all' on native pixels (RoiConfig.spacing_mm=None) needs isotropic voxels, and case {case.case_id} "
+                             f"has spacing {vol.spacing} mm: resample it (`resample_volume`) or use ROIs of a fixed pixel size.")
+    prob, cls = np.zeros(vol.shape, np.float32), None
     with channels_last(models) as ms:
-        for cy, cx in tile_centres(vol.shape[1:], vol.spacing[1:], roi_cfg):
-            r = predict_roi(ms, vol, (0., cy, cx), zs, roi_cfg, icfg, c_oracle)
-            prob[(slice(None),) + r['box'][1:]] += r['prob']; cover[r['box'][1:]] += 1
-            if r['cls'] is not None: cls = r['cls'] if cls is None else np.maximum(cls, r['cls'])
-    prob /= np.maximum(cover, 1)
+        for plane in views:
+            p, c = _tiled_slices(ms, plane_view(case, plane).image, roi_cfg, icfg, c_oracle)
+            prob += np.transpose(p, np.argsort(PLANES[plane])) / len(views)
+            if plane == 'axial': cls = c   # c belongs to axial slices
     if icfg.keep_centre: prob *= keep_component(prob > icfg.threshold, (np.array(vol.shape) - 1) / 2, vol.spacing)
     return dict(prob=prob, cls=cls)
 
@@ -331,8 +348,17 @@ def _object(prob: np.ndarray, centre, spacing, icfg: InferConfig) -> np.ndarray:
     m = prob > icfg.threshold
     return keep_component(m, centre, spacing) if icfg.keep_centre else m
 
+def _segment_cube(models, volume: CTVolume, c, roi_cfg: RoiConfig, icfg: InferConfig, half_mm: float) -> tuple:
+    "One nodule with planes='all': the cube that one ROI covers around the point, all three views through `predict_case`."
+    r = [(half_mm - s / 2) / s for s in volume.spacing]    # the cube's half-width in voxels: at most one ROI across
+    box = tuple(slice(max(0, math.ceil(p - h)), min(n, math.floor(p + h) + 1)) for p, h, n in zip(c, r, volume.shape))
+    cube = Case('point', CTVolume(volume.array[box], volume.spacing), None)
+    out = predict_case(models, cube, roi_cfg, replace(icfg, keep_centre=False))
+    return dict(box=box, prob=out['prob'], cls=out['cls']), _object(out['prob'], c - [b.start for b in box], volume.spacing, icfg)
+
 def _segment_point(models, volume: CTVolume, c, roi_cfg: RoiConfig, icfg: InferConfig, half_mm: float) -> tuple:
     "One nodule: the ROI on a batch of slices around the point, grown a batch at a time while the object reaches an end slice (at most `half_mm`)."
+    if icfg.planes == 'all': return _segment_cube(models, volume, c, roi_cfg, icfg, half_mm)
     zlim = _z_slices(c[0], volume.spacing[0], half_mm, volume.shape[0])
     step = max(2, icfg.batch_size)
     lo = int(np.clip(round(c[0]) - step // 2, zlim[0], zlim[-1])); hi = min(zlim[-1], lo + step - 1)

@@ -9,7 +9,7 @@
   is expected and the reverse, an unwritable --out, a full disk (a small tmpfs, when the tests run as root),
   Ctrl-C during evaluate and experiment.
 """
-import contextlib, json, os, shutil, signal, subprocess, sys, time
+import contextlib, json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
@@ -268,6 +268,26 @@ def test_norm_switches_train_evaluate(tmp_path, case_folder):
     r = lungseg('train', '--data', case_folder, '--model', 'unet', '--norm', 'instance', '--out', tmp_path / 'bad', cwd=tmp_path, check=False)
     assert r.returncode == 2 and '--norm applies to the proposed model and monai_basicunet, not to unet' in r.stderr, r.stderr
     assert not (tmp_path / 'bad').exists()
+
+
+def test_planes_train_evaluate(tmp_path, case_folder):
+    "--planes all (not in the paper): training slices from three planes at the axial run's steps per epoch; evaluate averages three views."
+    import torch
+    n = {}
+    for planes in ('axial', 'all'):
+        r = lungseg('train', '--data', case_folder, '--model', 'unet', '--epochs', 1, '--planes', planes, '--device', 'cpu',
+                    '--out', tmp_path / planes, '--threads', 1, cwd=tmp_path)
+        n[planes] = int(re.search(r'training \((\d+) slices\)', r.stdout).group(1))
+    assert n['all'] > 2 * n['axial'], n
+    ck = {p: torch.load(tmp_path / p / 'last.pt', weights_only=True) for p in ('axial', 'all')}
+    assert ck['all']['spec']['train_planes'] == 'all' and ck['axial']['spec']['train_planes'] == 'axial'
+    assert ck['axial']['config']['max_steps'] is None
+    assert ck['all']['config']['max_steps'] == -(-n['axial'] // ck['all']['config']['batch_size'])   # the axial run's batches per epoch
+    js = tmp_path / 'metrics.json'
+    lungseg('evaluate', '--checkpoint', tmp_path / 'all' / 'best.pt', '--data', case_folder, '--planes', 'all', '--keep-centre',
+            '--out', js, '--device', 'cpu', '--threads', 1, cwd=tmp_path)
+    got = json.loads(js.read_text())
+    assert got['n_cases'] == 8 and got['switches']['planes'] == 'all' and got['switches']['keep_centre'] is True, got['switches']
 
 
 def test_ctrl_c_then_resume(tmp_path, case_folder):
