@@ -37,11 +37,13 @@ def test_readme_results_table_is_the_saved_run():
     "README's LIDC table is computed from the raw results saved in nbs/results/lidc, not typed in."
     from lungseg.experiments import load_result, results_table, markdown_table, combine_results, every_case, pool_repeats
     readme, saved = (ROOT / 'README.md').read_text(), ROOT / 'nbs' / 'results' / 'lidc'
-    every = lambda run: every_case(combine_results(*(load_result(saved, f'{run}_{m}') for m in
-                                                     ('unet', 'proposed', 'monai', 'instance_norm_segmenter')), name='table1'))
+    four = ('unet', 'proposed', 'monai', 'instance_norm_segmenter')
+    every = lambda run, switch='', models=four: every_case(combine_results(*(load_result(saved, f'{run}_{m}{switch}') for m in models), name='table1'))
+    runs = ('k5', 'k5s1', 'k5s2')
     tables = {'table1 + reference': combine_results(load_result(saved, 'table1'), load_result(saved, 'reference')),
               'table3': load_result(saved, 'table3'),
-              'five folds, every case, three repeats': pool_repeats(*(every(run) for run in ('k5', 'k5s1', 'k5s2')))}
+              'five folds, every case, three repeats': pool_repeats(*(every(run) for run in runs)),
+              'the same, all planes and the centre component': pool_repeats(*(every(run, '+planes+keep_centre', four + ('all_planes',)) for run in runs))}
     for name, res in tables.items():
         table = markdown_table(results_table(res))
         assert table in readme, f'README lacks the {name} table of nbs/results/lidc:\n{table}'
