@@ -73,7 +73,7 @@ class ExperimentConfig:
     threshold: float = 0.5                  # probability threshold of the masks
     inner_frac: float = 0.2                 # share of each fold's training nodules held out to pick its epoch; 0: pick on the fold's own validation cases (optimistic)
     augment: dict = field(default_factory=dict)  # extra `SliceDataset` augmentations of training slices (rot90, scale, intensity); {}: flips only, as in the paper
-    infer: dict = field(default_factory=dict)    # `InferConfig` switches of the scoring (keep_centre, tta_flip, gate_cls); {}: all off, as in the paper
+    infer: dict = field(default_factory=dict)    # `InferConfig` switches of the scoring (keep_centre, tta_flip, gate_cls, planes); {}: all off, as in the paper
     @classmethod
     def small(cls, **kw) -> 'ExperimentConfig': return cls(**kw)
     @classmethod
@@ -676,7 +676,7 @@ def _variant(label: str) -> Variant:
 def rescore(folder, name: str, cases: list,
             progress: bool = False,
             cv: bool = False,   # also score each fold model on its own validation cases again (for `every_case`)
-            **infer) -> ExperimentResult:   # `InferConfig` switches: keep_centre, tta_flip, gate_cls
+            **infer) -> ExperimentResult:   # `InferConfig` switches: keep_centre, tta_flip, gate_cls, planes
     "Score the held-out cases (with `cv`, each fold's validation cases too) of a saved experiment again with its saved fold models and the switches `infer`; trains nothing."
     res = load_result(folder, name)
     cfg = res.config
