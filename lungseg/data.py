@@ -20,8 +20,8 @@ __all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'PLANES', 'CTFileE
            'read_volume', 'move_entries', 'write_volume', 'save_figure', 'write_dicom_series', 'Case', 'check_mask',
            'load_case_folder', 'write_case_folder', 'scan_id', 'load_scans', 'lidc_dir', 'find_lidc', 'resample_volume',
            'read_luna_csv', 'luna_to_voxel', 'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'roi_grid',
-           'context_index', 'extract_slices', 'permute_volume', 'plane_view', 'normalize_hu', 'SliceDataset',
-           'kfold_split', 'holdout_split']
+           'context_index', 'extract_slices', 'permute_volume', 'plane_view', 'check_plane_views', 'normalize_hu',
+           'SliceDataset', 'kfold_split', 'holdout_split']
 
 # %% ../nbs/01_data.ipynb #c007
 class CTFileError(ValueError):
@@ -810,6 +810,16 @@ def plane_view(case:Case, # a case, sliced axially as stored
     if plane == 'axial': return case
     axes = PLANES[plane]
     return Case(case.case_id, permute_volume(case.image, axes), None if case.mask is None else np.transpose(case.mask, axes), dict(case.meta))
+
+def check_plane_views(cases:list, # the cases to slice along every axis
+                      roi_cfg:RoiConfig # the ROIs they will be cut into
+                     ):
+    "Refuse coronal and sagittal views that would be squashed: native pixels (`spacing_mm=None`) on voxels that are not isotropic."
+    if roi_cfg.spacing_mm is not None: return
+    bad = [c.case_id for c in cases if not np.allclose(c.spacing, c.spacing[0], rtol=0.05)]
+    if bad: raise ValueError(f"planes='all' on native pixels (RoiConfig.spacing_mm=None) needs isotropic voxels; {len(bad)} case(s) are not, "
+                             f"e.g. {bad[0]} (spacing {cases[[c.case_id for c in cases].index(bad[0])].spacing} mm): resample them "
+                             "(`resample_volume`) or use ROIs of a fixed pixel size.")
 
 # %% ../nbs/01_data.ipynb #c076
 def normalize_hu(hu, # HU values: numpy array or torch tensor

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, PLANES, plane_view, holdout_split, load_case_folder, lidc_dir
+from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, PLANES, plane_view, check_plane_views, holdout_split, load_case_folder, lidc_dir
 from .phantoms import PhantomConfig, make_phantom_cases
 from .train import TrainConfig, fit, seed_everything, model_spec, build_from_spec, pick_device, save_checkpoint
 from .inference import predict_case, evaluate_cases
@@ -134,9 +134,7 @@ def slice_datasets(cases: list, train_idx, val_idx, roi_cfg: RoiConfig,
     tr_cases = [cases[i] for i in train_idx if np.asarray(cases[i].mask).any()]
     va_cases = [cases[i] for i in val_idx if np.asarray(cases[i].mask).any()]
     if not tr_cases: raise ValueError(f"None of the {len(train_idx)} training cases has a nodule in its mask: nothing to train on.")
-    if planes == 'all' and roi_cfg.spacing_mm is None and (bad := [c.case_id for c in tr_cases if not np.allclose(c.spacing, c.spacing[0], rtol=0.05)]):
-        raise ValueError(f"planes='all' on native pixels (RoiConfig.spacing_mm=None) needs isotropic voxels; {len(bad)} training case(s) "
-                         f"are not, e.g. {bad[0]}: resample them (`resample_volume`) or use ROIs of a fixed pixel size.")
+    if planes == 'all': check_plane_views(tr_cases, roi_cfg)
     views = [plane_view(c, p) for p in (PLANES if planes == 'all' else ('axial',)) for c in tr_cases]   # axial views first
     tr = SliceDataset(extract_slices(views, roi_cfg), augment=True, **(augment or {}))
     va = SliceDataset(extract_slices(va_cases, roi_cfg)) if va_cases else None

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .blocks import SegOutput
 from .data import (CTFileError, CTVolume, Case, RoiConfig, roi_grid, _sample_planes, _atomic_write, normalize_hu, context_index,
                           luna_to_voxel, load_scans, scan_id, write_volume,
-                          PLANES, plane_view)
+                          PLANES, plane_view, check_plane_views)
 from .metrics import segmentation_metrics
 from .train import TrainConfig, _autocast, _to_float, _unwrap, load_trained
 
@@ -202,9 +202,7 @@ def predict_case(models,                  # a model, or a list of models (ensemb
     views = ('axial',) if icfg.planes == 'axial' else tuple(PLANES)
     if len(views) > 1:
         if c_oracle is not None: raise ValueError("oracle c gives the labels of axial slices: use it with planes='axial'")
-        if roi_cfg.spacing_mm is None and not np.allclose(vol.spacing, vol.spacing[0], rtol=0.05):
-            raise ValueError(f"planes='all' on native pixels (RoiConfig.spacing_mm=None) needs isotropic voxels, and case {case.case_id} "
-                             f"has spacing {vol.spacing} mm: resample it (`resample_volume`) or use ROIs of a fixed pixel size.")
+        check_plane_views([case], roi_cfg)
     prob, cls = np.zeros(vol.shape, np.float32), None
     with channels_last(models) as ms:
         for plane in views:
