@@ -23,9 +23,10 @@ from .train import TrainConfig, make_adam, train_step, _autocast, _grad_scaler, 
 
 # %% auto #0
 __all__ = ['BenchConfig', 'PeakMemory', 'make_batch', 'prepare', 'train_config', 'train_step_times', 'latency_ms', 'train_flops',
-           'monai_unet_like', 'compare_with_monai', 'step_phases', 'op_kinds', 'plain_dilated', 'cut_gains',
-           'isolated_ms', 'component_shares', 'measure_model', 'machine_info', 'run_benchmarks', 'results_table',
-           'main', 'show_results', 'bench_segment', 'thread_contention', 'contention_table']
+           'monai_unet_like', 'interleaved_step_times', 'compare_with_monai', 'step_phases', 'op_kinds',
+           'plain_dilated', 'cut_gains', 'isolated_ms', 'component_shares', 'measure_model', 'machine_info',
+           'run_benchmarks', 'results_table', 'main', 'show_results', 'bench_segment', 'thread_contention',
+           'contention_table']
 
 # %% ../nbs/11_bench.ipynb #dc1d11ae
 @dataclass
@@ -192,17 +193,23 @@ def monai_unet_like(widths: tuple, # lungseg `UNetConfig.widths`: channels at H,
     return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=(*widths, widths[0]),
                      act=('relu', {'inplace': True}), norm=('batch', {}), upsample='deconv')
 
-def compare_with_monai(cfg: BenchConfig) -> dict:
-    "lungseg U-Net vs MONAI BasicUNet: interleaved training-step timings on the same batch."
-    torch.manual_seed(0)
-    ours = build_model('unet', cfg.preset)
-    ref = monai_unet_like(ours.cfg.widths)
-    models = {'lungseg': prepare(ours, cfg), 'monai': prepare(ref, cfg)}
+def interleaved_step_times(models: dict, # name -> model (prepared or not)
+                           cfg: BenchConfig) -> dict:
+    "Median training-step seconds of each model per round, the models taking turns on the same batch for `cfg.repeats` rounds: name -> [s per round]."
+    models = {k: prepare(m, cfg) for k, m in models.items()}
     batch = make_batch(cfg)
     opts = {k: make_adam(m.parameters(), TrainConfig()) for k, m in models.items()}
     med = {k: [] for k in models}
     for c in _rounds(cfg):
         for k, m in models.items(): med[k].append(statistics.median(train_step_times(m, c, batch, opts[k])))
+    return med
+
+def compare_with_monai(cfg: BenchConfig) -> dict:
+    "lungseg U-Net vs MONAI BasicUNet: interleaved training-step timings on the same batch."
+    torch.manual_seed(0)
+    ours = build_model('unet', cfg.preset)
+    ref = monai_unet_like(ours.cfg.widths)
+    med = interleaved_step_times({'lungseg': ours, 'monai': ref}, cfg)
     ratios = [a / b for a, b in zip(med['lungseg'], med['monai'])]
     return dict(lungseg_step_s=statistics.median(med['lungseg']), monai_step_s=statistics.median(med['monai']),
                 ratio=statistics.median(med['lungseg']) / statistics.median(med['monai']),
@@ -474,10 +481,11 @@ def bench_segment(shape: tuple = (300, 512, 512),     # scan size (z, y, x)
                   model: str = 'proposed', preset: str = 'small',
                   threads: int | None = None,          # torch threads (None: leave as is)
                   worst_case: bool = False,            # every ROI pixel called nodule: each ROI grows to its full depth
+                  planes: str = 'axial',               # `InferConfig.planes`: 'all' segments one cube per nodule on three views
                   seed: int = 0) -> dict:
     "Wall time and peak extra host memory of `lungseg.inference.segment_ct` on a synthetic scan (untrained weights: speed does not depend on them)."
     from lungseg.data import CTVolume, RoiConfig
-    from lungseg.inference import segment_ct
+    from lungseg.inference import segment_ct, InferConfig
     if threads: torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     arr = rng.integers(-900, -800, shape, dtype=np.int16)                     # lung-like noise
@@ -487,11 +495,12 @@ def bench_segment(shape: tuple = (300, 512, 512),     # scan size (z, y, x)
     net = build_model(model, preset).eval()
     if worst_case: net = _AllNodule(net)
     roi = RoiConfig.paper() if preset == 'paper' else RoiConfig.small()
-    segment_ct(net, vol, idx[:1].astype(float), roi, voxel=True, progress=False)   # warm-up
+    icfg = InferConfig(keep_centre=True, planes=planes)
+    segment_ct(net, vol, idx[:1].astype(float), roi, icfg, voxel=True, progress=False)   # warm-up
     t0 = time.perf_counter()
-    with PeakMemory() as pm: seg = segment_ct(net, vol, idx.astype(float), roi, voxel=True, progress=False)
+    with PeakMemory() as pm: seg = segment_ct(net, vol, idx.astype(float), roi, icfg, voxel=True, progress=False)
     sec = time.perf_counter() - t0
-    return dict(shape=tuple(shape), n_nodules=n_nodules, spacing=tuple(spacing), model=model, preset=preset, worst_case=worst_case,
+    return dict(shape=tuple(shape), n_nodules=n_nodules, spacing=tuple(spacing), model=model, preset=preset, worst_case=worst_case, planes=planes,
                 threads=torch.get_num_threads(), roi_slices=sum(r['prob'].shape[0] for r in seg.rois),
                 seconds=sec, scan_mib=arr.nbytes / 2**20, peak_extra_mib=pm.peak_mib, peak_over_scan=pm.peak_bytes / arr.nbytes,
                 labelled=int((seg.labels.array > 0).sum()))

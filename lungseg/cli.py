@@ -156,7 +156,7 @@ def _add_experiment_parser(sub):
                        description="Run a table of the paper: k-fold cross-validation on the training split, the held-out "
                                    "test split scored by the ensemble of the fold models, tables as mean ± std, paired "
                                    "bootstrap 95% CIs against the reference row, the classifier's AUC and calibration.")
-    x.add_argument('table', choices=['table1', 'table2', 'table3', 'beyond', 'reference', 'planes'], help='table1: comparative study; table2: freezing strategies; table3: ablations; beyond: the configuration of the paper against switches that are not in the paper (2.5D input, more augmentation, per-sample Dice, twice the epochs, a heavier classifier loss); reference: MONAI BasicUNet (needs monai); planes: the best proposed variant and MONAI BasicUNet trained on axial, coronal and sagittal slices (not in the paper)')
+    x.add_argument('table', choices=['table1', 'table2', 'table3', 'beyond', 'reference', 'planes'], help='table1: comparative study; table2: freezing strategies; table3: ablations; beyond: the configuration of the paper against switches that are not in the paper (2.5D input, more augmentation, per-sample Dice, twice the epochs, a heavier classifier loss); reference: MONAI BasicUNet (needs monai); planes: the best proposed variant and MONAI BasicUNet trained on axial, coronal and sagittal slices, and the proposed variant given the training time MONAI takes (not in the paper)')
     x.add_argument('--data', default='lidc', help=_DATA_HELP + " (default lidc)")
     x.add_argument('--model', nargs='+', default=None, choices=MODEL_CHOICES, metavar='MODEL',
                    help='table1 only: the models to include (default: all five)')
