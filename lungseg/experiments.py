@@ -25,8 +25,8 @@ __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'Experime
            'summary', 'show', 'paired_bootstrap', 'default_reference', 'bootstrap_table', 'results_table',
            'markdown_table', 'roc_auc', 'calibration', 'expected_calibration_error', 'classifier_report',
            'reliability_plot', 'variant_colour', 'comparison_figure', 'table_legend', 'quickstart', 'load_result',
-           'fold_models', 'rescore', 'combine_results', 'every_case', 'pool_repeats', 'select_rows', 'switch_table',
-           'subgroup_table']
+           'fold_models', 'rescore', 'threshold_sweep', 'chosen_threshold', 'combine_results', 'every_case',
+           'pool_repeats', 'select_rows', 'switch_table', 'subgroup_table']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -709,6 +709,39 @@ def rescore(folder, name: str, cases: list,
         rows += te; cls += cl
     cv_frame = pd.DataFrame(cv_rows) if cv else res.cv.iloc[:0]
     return replace(res, config={**cfg, 'infer': infer}, cv=cv_frame, test=pd.DataFrame(rows), cls=pd.DataFrame(cls), seconds=0.)
+
+# %% ../nbs/09_experiments.ipynb #ef35a9e0
+def threshold_sweep(folder, name: str, cases: list,
+                    thresholds=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6),
+                    **infer) -> pd.DataFrame:   # `InferConfig` switches, e.g. planes='all' (the centre component is always kept)
+    "Dice of each saved fold model at each threshold on its inner pick cases (to choose by) and on its validation cases (to score): one row per (variant, seed, fold, role, case, threshold)."
+    from lungseg.inference import InferConfig, keep_component
+    res = load_result(folder, name)
+    cfg, by_id, rows = res.config, {c.case_id: c for c in cases}, []
+    if not all(res.split.get('pick') or [None]): raise ValueError(f"{name}: no inner split (inner_frac=0 or one fold); there is nothing to choose a threshold on.")
+    icfg = InferConfig(**{**infer, 'keep_centre': False})
+    for label, seed in res.cv[['variant', 'seed']].drop_duplicates().itertuples(index=False):
+        roi = _roi(cfg['preset'], _variant(label).context)
+        for f, m in enumerate(fold_models(folder, name, label, int(seed), cfg['k'])):
+            for role, ids in (('pick', res.split['pick'][f]), ('val', res.split['folds'][f])):
+                for cid in ids:
+                    case = by_id[cid]
+                    prob, truth = predict_case(m, case, roi, icfg)['prob'], np.asarray(case.mask) > 0
+                    for t in thresholds:
+                        mask = keep_component(prob > t, (np.array(prob.shape) - 1) / 2, case.spacing)
+                        rows.append(dict(variant=label, seed=int(seed), fold=f, role=role, case_id=cid, threshold=t,
+                                         dice=2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1), empty=int(not mask.any())))
+    return pd.DataFrame(rows)
+
+def chosen_threshold(sweep: pd.DataFrame, default: float = 0.5) -> pd.DataFrame:
+    "Per variant and seed, the threshold with the best mean Dice on the pick cases, and the validation rows scored at it and at `default`: one row per (variant, seed, case)."
+    pick = sweep[sweep.role == 'pick'].groupby(['variant', 'seed', 'threshold']).dice.mean()
+    best = pick.groupby(['variant', 'seed']).idxmax().map(lambda k: k[2]).rename('chosen')
+    val = sweep[sweep.role == 'val'].join(best, on=['variant', 'seed'])
+    at = lambda t: val[np.isclose(val.threshold, t)].set_index(['variant', 'seed', 'case_id'])[['dice', 'empty']]
+    out = at(default).join(val[np.isclose(val.threshold, val.chosen)].set_index(['variant', 'seed', 'case_id'])[['chosen', 'dice', 'empty']],
+                           lsuffix='_default', rsuffix='_chosen')
+    return out.reset_index()
 
 # %% ../nbs/09_experiments.ipynb #e5c99097
 def combine_results(*results: ExperimentResult,
