@@ -78,6 +78,12 @@ def _add_switches(p, keep_centre: bool = True):
     p.add_argument('--planes', choices=['axial', 'all'], default='axial',
                    help="'all' (not in the paper): average the probabilities of axial, coronal and sagittal slices through each voxel (default axial)")
 
+def _add_threshold(p):
+    "`--threshold`: the probability above which a voxel is nodule (`InferConfig.threshold`)."
+    p.add_argument('--threshold', type=_fraction, default=0.5,
+                   help="probability above which a voxel is nodule, between 0 and 1 (default 0.5, the paper's; with --planes all, "
+                        "0.35 was chosen on the inner splits of the LIDC sample, see 09_experiments)")
+
 def _switches(a) -> dict:
     "The `InferConfig` fields that `_add_switches`'s options set."
     return dict(keep_centre=getattr(a, 'keep_centre', False), tta_flip=a.tta, gate_cls=a.gate, planes=a.planes)
@@ -144,6 +150,7 @@ def _add_evaluate_parser(sub):
     e.add_argument('--checkpoint', required=True, help='a .pt file written by lungseg train (best.pt or last.pt)')
     e.add_argument('--data', required=True, help=_DATA_HELP)
     _add_switches(e)
+    _add_threshold(e)
     e.add_argument('--out', default=None, help='JSON file to write (default: print to stdout only)')
     e.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
     e.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
@@ -188,6 +195,7 @@ def _add_segment_parser(sub):
     s.add_argument('--out', required=True, help='output folder; must not exist or be empty (see --overwrite)')
     s.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
     _add_switches(s, keep_centre=False)   # segment always keeps the component at each marked point
+    _add_threshold(s)
     s.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
     s.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
     return s
@@ -209,7 +217,7 @@ def cmd_segment(a) -> int:
     model, roi = load_segmenter(a.checkpoint, pick_device(a.device))
     points = read_nodules_csv(a.nodules) if a.nodules else _at_point(a.at)
     t0 = time.time()
-    icfg = InferConfig(**{**_switches(a), 'keep_centre': True})
+    icfg = InferConfig(**{**_switches(a), 'keep_centre': True}, threshold=a.threshold)
     table = segment_files(model, roi, a.ct, points, a.out, icfg, voxel=a.voxel, overwrite=a.overwrite)
     cols = ['seriesuid', 'id', 'x_mm', 'y_mm', 'z_mm', 'volume_mm3', 'diameter_mm', 'long_axis_mm', 'short_axis_mm', 'touches_border']
     print(table[cols].round(1).to_string(index=False))
@@ -390,10 +398,10 @@ def cmd_evaluate(a) -> int:
     spec = ck['spec']
     cases = load_cases(a.data)
     t0 = time.time()
-    df = evaluate_cases(model, cases, spec_roi(spec), InferConfig(**_switches(a)), progress=True)
+    df = evaluate_cases(model, cases, spec_roi(spec), InferConfig(**_switches(a), threshold=a.threshold), progress=True)
     mean = {k: float(np.mean(df[k][np.isfinite(df[k])])) if np.isfinite(df[k]).any() else None for k in df.columns}
     res = _json_safe(dict(checkpoint=str(a.checkpoint), data=str(a.data), model=spec, epoch=ck['epoch'], n_cases=len(df),
-                          threshold=0.5, switches=_switches(a), mean=mean, per_case=df.reset_index().to_dict(orient='records'),
+                          threshold=a.threshold, switches=_switches(a), mean=mean, per_case=df.reset_index().to_dict(orient='records'),
                           note="3D metrics on every slice of each case volume, with the volume's spacing (mm). " + _METRIC_LEGEND,
                           n_empty=int(np.isinf(df['hd']).sum()) if 'hd' in df else 0, seconds=time.time() - t0))
     text = json.dumps(res, indent=1)

@@ -285,9 +285,10 @@ def test_planes_train_evaluate(tmp_path, case_folder):
     assert ck['all']['config']['max_steps'] == -(-n['axial'] // ck['all']['config']['batch_size'])   # the axial run's batches per epoch
     js = tmp_path / 'metrics.json'
     lungseg('evaluate', '--checkpoint', tmp_path / 'all' / 'best.pt', '--data', case_folder, '--planes', 'all', '--keep-centre',
-            '--out', js, '--device', 'cpu', '--threads', 1, cwd=tmp_path)
+            '--threshold', 0.35, '--out', js, '--device', 'cpu', '--threads', 1, cwd=tmp_path)
     got = json.loads(js.read_text())
     assert got['n_cases'] == 8 and got['switches']['planes'] == 'all' and got['switches']['keep_centre'] is True, got['switches']
+    assert got['threshold'] == 0.35
 
 
 def test_ctrl_c_then_resume(tmp_path, case_folder):

@@ -215,3 +215,15 @@ def test_dicomseg_extra_declared():
     import configparser
     cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(Path(__file__).parents[1] / 'settings.ini')
     assert 'highdicom' in cfg['DEFAULT']['dicomseg_requirements']
+
+def test_threshold(setup):
+    "`--threshold` reaches the masks: a higher threshold labels fewer voxels."
+    d, ck, chest = setup
+    write_volume(chest.image, d / 'thr_in' / 'chest.nii.gz')
+    n = {}
+    for t in (0.3, 0.9):
+        rc, so, se = run('segment', '--checkpoint', ck, '--ct', d / 'thr_in' / 'chest.nii.gz', '--nodules', d / 'annotations.csv',
+                         '--out', d / f'thr{t}', '--threads', 1, '--threshold', t)
+        assert rc == 0, se
+        n[t] = int((sitk.GetArrayFromImage(sitk.ReadImage(str(d / f'thr{t}' / 'labels.nii.gz'))) > 0).sum())
+    assert 0 < n[0.9] < n[0.3], n
