@@ -715,7 +715,7 @@ def threshold_sweep(folder, name: str, cases: list,
                     thresholds=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6),
                     **infer) -> pd.DataFrame:   # `InferConfig` switches, e.g. planes='all' (the centre component is always kept)
     "Dice of each saved fold model at each threshold on its inner pick cases (to choose by) and on its validation cases (to score): one row per (variant, seed, fold, role, case, threshold)."
-    from lungseg.inference import InferConfig, keep_component
+    from lungseg.inference import InferConfig, _object
     res = load_result(folder, name)
     cfg, by_id, rows = res.config, {c.case_id: c for c in cases}, []
     if not all(res.split.get('pick') or [None]): raise ValueError(f"{name}: no inner split (inner_frac=0 or one fold); there is nothing to choose a threshold on.")
@@ -727,8 +727,8 @@ def threshold_sweep(folder, name: str, cases: list,
                 for cid in ids:
                     case = by_id[cid]
                     prob, truth = predict_case(m, case, roi, icfg)['prob'], np.asarray(case.mask) > 0
-                    for t in thresholds:
-                        mask = keep_component(prob > t, (np.array(prob.shape) - 1) / 2, case.spacing)
+                    for t in thresholds:   # the mask `predict_case` would keep: above t, the component at the centre
+                        mask = _object(prob, (np.array(prob.shape) - 1) / 2, case.spacing, replace(icfg, threshold=t, keep_centre=True))
                         rows.append(dict(variant=label, seed=int(seed), fold=f, role=role, case_id=cid, threshold=t,
                                          dice=2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1), empty=int(not mask.any())))
     return pd.DataFrame(rows)
