@@ -75,14 +75,41 @@ def _add_switches(p, keep_centre: bool = True):
                        help='keep only the 3D connected component at (or nearest) the centre of each case volume (a nodule cube is centred on its nodule)')
     p.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean over the slice and its two mirror images)')
     p.add_argument('--gate', action='store_true', help="empty every slice whose classifier probability c is below 0.5 (models with a classifier)")
-    p.add_argument('--planes', choices=['axial', 'all'], default='axial',
-                   help="'all' (not in the paper): average the probabilities of axial, coronal and sagittal slices through each voxel (default axial)")
+    p.add_argument('--planes', choices=['axial', 'all'], default=None,
+                   help="'all' (not in the paper): average the probabilities of axial, coronal and sagittal slices through each voxel "
+                        "(default: the planes the checkpoint was trained on, as lungseg train chose its threshold with them; else axial)")
 
 def _add_threshold(p):
     "`--threshold`: the probability above which a voxel is nodule (`InferConfig.threshold`)."
-    p.add_argument('--threshold', type=_fraction, default=0.5,
-                   help="probability above which a voxel is nodule, between 0 and 1 (default 0.5, the paper's; with --planes all, "
-                        "0.35 was chosen on the inner splits of the LIDC sample, see 09_experiments)")
+    p.add_argument('--threshold', type=_fraction, default=None,
+                   help="probability above which a voxel is nodule, between 0 and 1 (default: the threshold lungseg train chose on "
+                        "its validation cases and stored in the checkpoint, when these are its planes; else 0.5, the paper's)")
+
+def _resolve_inference(a, ck: dict) -> str:
+    "Fill in --planes and --threshold when they are not given: the checkpoint's `infer` (chosen by `lungseg train`), else axial and 0.5; returns where the threshold came from."
+    tuned = ck.get('infer') or {}
+    if a.planes is None: a.planes = tuned.get('planes', 'axial')
+    if a.threshold is not None: return '--threshold'
+    if tuned.get('threshold') is not None and tuned.get('planes') == a.planes:
+        a.threshold = float(tuned['threshold'])
+        if tuned.get('ensemble', 1) > 1: return f"the median of the thresholds chosen when the {tuned['ensemble']} checkpoints were trained"
+        return f"chosen on {tuned['cases']} validation case(s) when the checkpoint was trained"
+    a.threshold = 0.5
+    return "the paper's 0.5" + (f" (the checkpoint's threshold was chosen with --planes {tuned['planes']})" if tuned else '')
+
+def _load_models(paths: list, device='cpu') -> tuple:
+    "(models, checkpoint) of one or more checkpoints: several are an ensemble, so they must share their ROI; the checkpoint is the first's, with an `infer` they all agree on (the median threshold) or none."
+    from lungseg.train import load_trained
+    from lungseg.inference import spec_roi
+    models, cks = zip(*(load_trained(p, device) for p in paths))
+    rois = [spec_roi(ck['spec']) for ck in cks]
+    if any(r != rois[0] for r in rois):
+        raise ValueError("the checkpoints were trained on different ROIs, so they cannot be one ensemble: "
+                         + '; '.join(f"{p}: {r}" for p, r in zip(paths, rois)))
+    tuned = [ck.get('infer') for ck in cks]
+    agree = all(tuned) and len({t['planes'] for t in tuned}) == 1
+    infer = dict(tuned[0], threshold=float(np.median([t['threshold'] for t in tuned])), ensemble=len(cks)) if agree else None
+    return list(models), dict(cks[0], infer=infer)
 
 def _switches(a) -> dict:
     "The `InferConfig` fields that `_add_switches`'s options set."
@@ -147,7 +174,7 @@ def _add_evaluate_parser(sub):
                                    "preset (the whole volume of interest, so false positives on empty slices count), and "
                                    "write per-case 3D metrics (precision, sensitivity, Dice, IoU, HD, HD95, ASSD; distances in "
                                    "mm with each volume's spacing) and their mean as JSON.")
-    e.add_argument('--checkpoint', required=True, help='a .pt file written by lungseg train (best.pt or last.pt)')
+    e.add_argument('--checkpoint', required=True, nargs='+', help='one or more .pt files written by lungseg train (best.pt or last.pt); several: an ensemble, the mean of their probabilities')
     e.add_argument('--data', required=True, help=_DATA_HELP)
     _add_switches(e)
     _add_threshold(e)
@@ -186,7 +213,7 @@ def _add_segment_parser(sub):
                                    "series also labels_seg.dcm, a DICOM SEG, with the optional extra: pip install \"lungseg[dicomseg]\"), "
                                    "nodules.csv and nodules.json (centroid, volume, diameters, HU, probabilities) and overview.png. "
                                    "With a folder of scans: one sub-folder per seriesuid and a combined nodules.csv.")
-    s.add_argument('--checkpoint', required=True, help='a .pt file written by lungseg train (best.pt or last.pt)')
+    s.add_argument('--checkpoint', required=True, nargs='+', help='one or more .pt files written by lungseg train (best.pt or last.pt); several: an ensemble, the mean of their probabilities')
     s.add_argument('--ct', required=True, help='a scan (NIfTI, MetaImage, NRRD, MHA, or a DICOM series folder), or a folder of scans')
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument('--nodules', help='CSV of nodule positions: seriesuid,coordX,coordY,coordZ[,diameter_mm] (LUNA16, world mm) or x,y,z')
@@ -212,13 +239,15 @@ def _at_point(text: str):
 def cmd_segment(a) -> int:
     "`lungseg segment`: segment and measure the marked nodules of a scan (or a folder of scans)."
     _setup_torch(a)
-    from lungseg.inference import InferConfig, load_segmenter, read_nodules_csv, segment_files
+    from lungseg.inference import InferConfig, read_nodules_csv, segment_files, spec_roi
     from lungseg.train import pick_device
-    model, roi = load_segmenter(a.checkpoint, pick_device(a.device))
+    models, ck = _load_models(a.checkpoint, pick_device(a.device))
+    roi, source = spec_roi(ck['spec']), _resolve_inference(a, ck)
+    print(f"threshold {a.threshold:.2f} ({source}), planes {a.planes}")
     points = read_nodules_csv(a.nodules) if a.nodules else _at_point(a.at)
     t0 = time.time()
     icfg = InferConfig(**{**_switches(a), 'keep_centre': True}, threshold=a.threshold)
-    table = segment_files(model, roi, a.ct, points, a.out, icfg, voxel=a.voxel, overwrite=a.overwrite)
+    table = segment_files(models, roi, a.ct, points, a.out, icfg, voxel=a.voxel, overwrite=a.overwrite)
     cols = ['seriesuid', 'id', 'x_mm', 'y_mm', 'z_mm', 'volume_mm3', 'diameter_mm', 'long_axis_mm', 'short_axis_mm', 'touches_border']
     print(table[cols].round(1).to_string(index=False))
     print(f"wrote {a.out}: labels, nodules.csv, nodules.json, overview.png ({len(table)} nodules, {time.time() - t0:.1f} s)")
@@ -343,6 +372,17 @@ def _init_model(a, spec: dict):
         freeze_groups(model, list(a.freeze)); spec['freeze'] = list(a.freeze)
     return model
 
+def _tune_inference(path: Path, cases: list, planes: str, device='cpu') -> dict:
+    "Choose the threshold of the model in checkpoint `path` on `cases` (`tune_threshold`: its training planes, the centre component kept) and store it there as `infer`."
+    from lungseg.train import load_trained, save_checkpoint
+    from lungseg.inference import InferConfig, tune_threshold, spec_roi
+    model, ck = load_trained(path, device)
+    t, table = tune_threshold(model, cases, spec_roi(ck['spec']), InferConfig(planes=planes, keep_centre=True), progress=True)
+    ck['infer'] = dict(threshold=t, planes=planes, keep_centre=True, cases=int(table['cases'].iloc[0]),
+                       dice={f'{k:.2f}': round(float(v), 4) for k, v in table['dice'].items()})
+    save_checkpoint(ck, path)
+    return ck['infer']
+
 def cmd_train(a) -> int:
     "`lungseg train`: split the cases, train one model, checkpoint to --out."
     _setup_torch(a)
@@ -375,11 +415,20 @@ def cmd_train(a) -> int:
     print(hist.frame().round(4).tail(5).to_string())
     print(f"Best validation Dice {hist.best_dice:.4f} (mean over the validation cases with a nodule) at epoch {hist.best_epoch}: "
           f"{out / 'best.pt'} ({hist.seconds:.0f} s)")
+    if (out / 'best.pt').is_file():
+        from lungseg.train import pick_device
+        tuned = _tune_inference(out / 'best.pt', [cases[i] for i in va], a.planes, pick_device(cfg.device))
+        t, dice = tuned['threshold'], tuned['dice']
+        print(f"Threshold {t:.2f} chosen on the {tuned['cases']} validation case(s) with a nodule (3D Dice {dice[f'{t:.2f}']:.4f}, "
+              f"at 0.5 {dice['0.50']:.4f}; --planes {a.planes}, centre component kept), stored in best.pt: lungseg evaluate "
+              "and segment use it unless --threshold is given")
     return 0
 
 # %% ../nbs/09a_cli.ipynb #ee8182f3
 _METRIC_LEGEND = ("precision, sensitivity, dice, iou: overlap of the predicted and true nodule voxels over the whole volume; "
-                  "hd, hd95, assd: Hausdorff distance, its 95th percentile and the average symmetric surface distance, in mm. "
+                  "hd, hd95, assd: Hausdorff distance, its 95th percentile and the average symmetric surface distance, in mm; "
+                  "hd_capped, hd95_capped, assd_capped: the same with a miss counted as the volume's diagonal (diag_mm), so a model "
+                  "cannot look better by missing; missed: 1 when a nodule got an empty prediction. "
                   "Means skip undefined values: NaN (e.g. precision when nothing is predicted, Dice when both are empty) and "
                   "infinite distances, which occur when exactly one of the prediction and the truth is empty (a nodule missed "
                   "entirely, or a nodule predicted in a nodule-free case); n_empty counts those cases")
@@ -388,20 +437,21 @@ def cmd_evaluate(a) -> int:
     "`lungseg evaluate`: per-case 3D metrics of a checkpoint on every case volume of --data, as JSON."
     _setup_torch(a)
     import pandas as pd
-    from lungseg.train import load_trained
     from lungseg.inference import InferConfig, evaluate_cases, spec_roi
     from lungseg.experiments import load_cases
     if a.out:
         if Path(a.out).is_dir(): raise IsADirectoryError(f"--out {a.out} is a folder; evaluate writes one JSON file, e.g. {Path(a.out) / 'metrics.json'}.")
         _probe_dir(Path(a.out).parent, '--out')
-    model, ck = load_trained(a.checkpoint, a.device)
-    spec = ck['spec']
+    models, ck = _load_models(a.checkpoint, a.device)
+    spec, source = ck['spec'], _resolve_inference(a, ck)
+    print(f"threshold {a.threshold:.2f} ({source}), planes {a.planes}")
     cases = load_cases(a.data)
     t0 = time.time()
-    df = evaluate_cases(model, cases, spec_roi(spec), InferConfig(**_switches(a), threshold=a.threshold), progress=True)
+    df = evaluate_cases(models, cases, spec_roi(spec), InferConfig(**_switches(a), threshold=a.threshold), progress=True)
     mean = {k: float(np.mean(df[k][np.isfinite(df[k])])) if np.isfinite(df[k]).any() else None for k in df.columns}
-    res = _json_safe(dict(checkpoint=str(a.checkpoint), data=str(a.data), model=spec, epoch=ck['epoch'], n_cases=len(df),
-                          threshold=a.threshold, switches=_switches(a), mean=mean, per_case=df.reset_index().to_dict(orient='records'),
+    res = _json_safe(dict(checkpoint=[str(c) for c in a.checkpoint] if len(a.checkpoint) > 1 else str(a.checkpoint[0]),
+                          data=str(a.data), model=spec, epoch=ck['epoch'], n_cases=len(df),
+                          threshold=a.threshold, threshold_source=source, switches=_switches(a), mean=mean, per_case=df.reset_index().to_dict(orient='records'),
                           note="3D metrics on every slice of each case volume, with the volume's spacing (mm). " + _METRIC_LEGEND,
                           n_empty=int(np.isinf(df['hd']).sum()) if 'hd' in df else 0, seconds=time.time() - t0))
     text = json.dumps(res, indent=1)

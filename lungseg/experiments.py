@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, PLANES, plane_view, check_plane_views, holdout_split, load_case_folder, lidc_dir
 from .phantoms import PhantomConfig, make_phantom_cases
 from .train import TrainConfig, fit, seed_everything, model_spec, build_from_spec, pick_device, save_checkpoint
-from .inference import predict_case, evaluate_cases
+from .inference import predict_case, evaluate_cases, case_metrics, threshold_dice, THRESHOLDS
 from .metrics import segmentation_metrics, legend
 
 # %% auto #0
@@ -26,7 +26,7 @@ __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'Experime
            'markdown_table', 'roc_auc', 'calibration', 'expected_calibration_error', 'classifier_report',
            'reliability_plot', 'variant_colour', 'comparison_figure', 'table_legend', 'quickstart', 'load_result',
            'fold_models', 'rescore', 'threshold_sweep', 'chosen_threshold', 'combine_results', 'every_case',
-           'pool_repeats', 'select_rows', 'switch_table', 'subgroup_table']
+           'pool_repeats', 'select_rows', 'switch_table', 'subgroup_table', 'evaluation_result']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -247,18 +247,9 @@ def _labels(case) -> np.ndarray:
     "Per slice of the volume: 1 if it holds nodule voxels."
     m = np.asarray(case.mask); return m.reshape(len(m), -1).any(1).astype(np.float32)
 
-def _diagonal_mm(case) -> float:
-    "Length of the diagonal of the case's volume in mm: no distance inside it is larger."
-    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(np.shape(case.mask), case.image.spacing))))
-
 def _case_metrics(prob: np.ndarray, case, threshold: float) -> dict:
-    "3D metrics of one case; a miss has hd/assd inf, and hd_capped/assd_capped = the volume's diagonal."
-    pred, truth, diag = (prob > threshold).astype(np.uint8), np.asarray(case.mask), _diagonal_mm(case)
-    m = {k: float(v) for k, v in segmentation_metrics(pred, truth, tuple(case.image.spacing), missed_distance=diag).items()}
-    one_empty = (m['tp'] + m['fp'] == 0) != (m['tp'] + m['fn'] == 0)
-    capped = {f'{k}_capped': m[k] for k in ('hd', 'hd95', 'assd')}
-    if one_empty: m.update(hd=np.inf, hd95=np.inf, assd=np.inf)
-    return dict(m, **capped, missed=float(m['tp'] + m['fn'] > 0 and m['tp'] + m['fp'] == 0), diag_mm=diag)
+    "3D metrics of one case's probabilities at `threshold` (`case_metrics`, `12_segment`): a miss has hd/assd inf, and hd_capped/assd_capped the volume's diagonal."
+    return case_metrics((prob > threshold).astype(np.uint8), case)
 
 # %% ../nbs/09_experiments.ipynb #3e6b2f1f
 def _pick_split(cases: list, groups: list, tr: np.ndarray, va: np.ndarray, frac: float, seed: int) -> tuple:
@@ -712,25 +703,21 @@ def rescore(folder, name: str, cases: list,
 
 # %% ../nbs/09_experiments.ipynb #ef35a9e0
 def threshold_sweep(folder, name: str, cases: list,
-                    thresholds=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6),
+                    thresholds=THRESHOLDS,
                     **infer) -> pd.DataFrame:   # `InferConfig` switches, e.g. planes='all' (the centre component is always kept)
     "Dice of each saved fold model at each threshold on its inner pick cases (to choose by) and on its validation cases (to score): one row per (variant, seed, fold, role, case, threshold)."
-    from lungseg.inference import InferConfig, _object
+    from lungseg.inference import InferConfig
     res = load_result(folder, name)
     cfg, by_id, rows = res.config, {c.case_id: c for c in cases}, []
     if not all(res.split.get('pick') or [None]): raise ValueError(f"{name}: no inner split (inner_frac=0 or one fold); there is nothing to choose a threshold on.")
-    icfg = InferConfig(**{**infer, 'keep_centre': False})
+    icfg = InferConfig(**{**infer, 'keep_centre': True})
     for label, seed in res.cv[['variant', 'seed']].drop_duplicates().itertuples(index=False):
         roi = _roi(cfg['preset'], _variant(label).context)
         for f, m in enumerate(fold_models(folder, name, label, int(seed), cfg['k'])):
             for role, ids in (('pick', res.split['pick'][f]), ('val', res.split['folds'][f])):
-                for cid in ids:
-                    case = by_id[cid]
-                    prob, truth = predict_case(m, case, roi, icfg)['prob'], np.asarray(case.mask) > 0
-                    for t in thresholds:   # the mask `predict_case` would keep: above t, the component at the centre
-                        mask = _object(prob, (np.array(prob.shape) - 1) / 2, case.spacing, replace(icfg, threshold=t, keep_centre=True))
-                        rows.append(dict(variant=label, seed=int(seed), fold=f, role=role, case_id=cid, threshold=t,
-                                         dice=2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1), empty=int(not mask.any())))
+                for cid in ids:   # the mask `predict_case` would keep: above t, the component at the centre
+                    rows += [dict(variant=label, seed=int(seed), fold=f, role=role, case_id=cid, **r)
+                             for r in threshold_dice(m, by_id[cid], roi, icfg, thresholds)]
     return pd.DataFrame(rows)
 
 def chosen_threshold(sweep: pd.DataFrame, default: float = 0.5) -> pd.DataFrame:
@@ -834,3 +821,28 @@ def subgroup_table(res: ExperimentResult,
     out.attrs['legend'] = (f"{names.get(metric, metric)}: mean over the subgroup's test cases (each averaged over seeds); 95% CI: bootstrap over "
                            "those cases; slice AUC: the classifier's c against the slice labels, pooled over the subgroup's test slices (- : no classifier).")
     return out
+
+# %% ../nbs/09_experiments.ipynb #483d0406
+def _json_metric(k: str, v, c: dict) -> float:
+    "One per-case value of a `lungseg evaluate` JSON: null is an infinite distance where exactly one mask is empty, else undefined (NaN)."
+    if v is not None: return v
+    one_empty = (c.get('tp', 0) + c.get('fp', 0) == 0) != (c.get('tp', 0) + c.get('fn', 0) == 0)
+    return np.inf if k in ('hd', 'hd95', 'assd') and one_empty else np.nan
+
+def evaluation_result(runs: dict,              # row label -> the `lungseg evaluate` JSON files of that model, one per training seed
+                      name: str = 'evaluate') -> ExperimentResult:
+    "Several models' `lungseg evaluate` outputs on the same cases as an `ExperimentResult` (test rows only), for `results_table` and `bootstrap_table`."
+    rows, ids = [], None
+    for label, paths in runs.items():
+        seeds = []
+        for p in paths:
+            js = json.loads(Path(p).read_text())
+            seeds.append(seed := int(js['model'].get('split_seed', 0)))
+            cases = sorted(c['case_id'] for c in js['per_case'])
+            if ids is None: ids, first = cases, p
+            if cases != ids: raise ValueError(f"{p} scored other cases than {first}: compare evaluations of the same data.")
+            rows += [dict(variant=label, seed=seed, threshold=js.get('threshold'), **{k: _json_metric(k, v, c) for k, v in c.items()})
+                     for c in js['per_case']]
+        if len(set(seeds)) < len(seeds): raise ValueError(f"{label}: two files come from seed {max(seeds, key=seeds.count)}: give one file per training seed.")
+    config = dict(source='lungseg evaluate', files={l: [str(p) for p in ps] for l, ps in runs.items()})
+    return ExperimentResult(name, config, pd.DataFrame(), pd.DataFrame(rows), pd.DataFrame(), {}, dict(test=ids), 0.)

@@ -23,11 +23,12 @@ from .metrics import segmentation_metrics
 from .train import TrainConfig, _autocast, _to_float, _unwrap, load_trained
 
 # %% auto #0
-__all__ = ['InferConfig', 'roi_inputs', 'spec_roi', 'channels_last', 'run_models', 'keep_component', 'predict_roi', 'roi_fov_mm',
-           'tile_centres', 'predict_case', 'predict_volume', 'evaluate_cases', 'axial_diameters', 'measure_nodule',
-           'Segmentation', 'voxel_centres', 'axial_view', 'from_axial_view', 'segment_ct', 'overview_figure',
-           'read_nodules_csv', 'match_scans', 'write_dicom_seg', 'write_outputs', 'load_segmenter', 'segment_files',
-           'demo_segmenter', 'SegmentationBrowser']
+__all__ = ['THRESHOLDS', 'InferConfig', 'roi_inputs', 'spec_roi', 'channels_last', 'run_models', 'keep_component', 'predict_roi',
+           'roi_fov_mm', 'tile_centres', 'predict_case', 'predict_volume', 'case_metrics', 'evaluate_cases',
+           'threshold_dice', 'tune_threshold', 'axial_diameters', 'measure_nodule', 'Segmentation', 'voxel_centres',
+           'axial_view', 'from_axial_view', 'segment_ct', 'overview_figure', 'read_nodules_csv', 'match_scans',
+           'write_dicom_seg', 'write_outputs', 'load_segmenter', 'segment_files', 'demo_segmenter',
+           'SegmentationBrowser']
 
 # %% ../nbs/12_segment.ipynb #9409cd7e
 @dataclass
@@ -165,6 +166,12 @@ def predict_roi(models,                # a model or a list of models
     (ys, xs), prob = back
     return dict(box=(slice(int(zs[0]), int(zs[-1]) + 1), ys, xs), prob=prob, cls=cls, roi_prob=roi_prob)
 
+# %% ../nbs/12_segment.ipynb #7da40d4b
+def _object(prob: np.ndarray, centre, spacing, icfg: InferConfig) -> np.ndarray:
+    "The nodule in an ROI's probabilities: above the threshold, and only the centre component when `icfg.keep_centre`."
+    m = prob > icfg.threshold
+    return keep_component(m, centre, spacing) if icfg.keep_centre else m
+
 # %% ../nbs/12_segment.ipynb #2d6d20d4
 def roi_fov_mm(roi_cfg: RoiConfig, spacing_yx) -> np.ndarray:
     "The ROI's field of view (rows, cols) in mm on a scan of this in-plane spacing."
@@ -222,6 +229,17 @@ def predict_volume(models,             # a model or a list of models (ensemble)
     icfg = replace(icfg or InferConfig(), **kw)
     return (predict_case(models, case, roi_cfg, icfg, c_oracle)['prob'] > icfg.threshold).astype(np.uint8)
 
+def case_metrics(pred: np.ndarray, # 0/1 mask (z, y, x) on the case's grid
+                 case: Case) -> dict:
+    "3D metrics of `pred` against `case.mask` in mm: a nodule missed (or one predicted in a nodule-free case) has hd, hd95, assd inf and their `_capped` twins the volume's diagonal; `missed` is 1 for an empty prediction of a nodule."
+    truth = np.asarray(case.mask)
+    diag = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(truth.shape, case.image.spacing))))   # no distance inside the volume is larger
+    m = {k: float(v) for k, v in segmentation_metrics(pred, truth, tuple(case.image.spacing), missed_distance=diag).items()}
+    one_empty = (m['tp'] + m['fp'] == 0) != (m['tp'] + m['fn'] == 0)
+    capped = {f'{k}_capped': m[k] for k in ('hd', 'hd95', 'assd')}
+    if one_empty: m.update(hd=np.inf, hd95=np.inf, assd=np.inf)
+    return dict(m, **capped, missed=float(m['tp'] + m['fn'] > 0 and m['tp'] + m['fp'] == 0), diag_mm=diag)
+
 def evaluate_cases(models,            # a model or a list of models (ensemble)
                    cases: list,       # `lungseg.data.Case`s with masks
                    roi_cfg: RoiConfig,# the `RoiConfig` the model was trained with
@@ -229,12 +247,36 @@ def evaluate_cases(models,            # a model or a list of models (ensemble)
                    progress: bool = False, # progress bar over cases
                    **kw) -> pd.DataFrame:
     "Per-case 3D metrics (with each volume's spacing) of `predict_volume` on every case: a DataFrame indexed by case id."
-    rows = []
-    for case in tqdm(cases, desc='evaluate', disable=not progress, unit='case'):
-        pred = predict_volume(models, case, roi_cfg, icfg, **kw)
-        m = segmentation_metrics(pred, np.asarray(case.mask), tuple(case.image.spacing))
-        rows.append(dict(case_id=case.case_id, **{k: float(v) for k, v in m.items()}))
+    rows = [dict(case_id=case.case_id, **case_metrics(predict_volume(models, case, roi_cfg, icfg, **kw), case))
+            for case in tqdm(cases, desc='evaluate', disable=not progress, unit='case')]
     return pd.DataFrame(rows).set_index('case_id')
+
+# %% ../nbs/12_segment.ipynb #7f9ba470
+THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)   # the grid `tune_threshold` chooses from
+
+def threshold_dice(models,                    # a model or a list of models (ensemble)
+                   case: Case,                # a case with its mask
+                   roi_cfg: RoiConfig,        # the ROI the models were trained on
+                   icfg: InferConfig = None,  # the switches (planes, keep_centre, tta_flip, ...); its threshold is ignored
+                   thresholds=THRESHOLDS) -> list:
+    "3D Dice of `case`'s mask at each threshold from one `predict_case` pass: [{threshold, dice, empty}] (Dice 0 when both are empty)."
+    icfg = icfg or InferConfig()
+    prob = predict_case(models, case, roi_cfg, replace(icfg, keep_centre=False))['prob']
+    truth, centre = np.asarray(case.mask) > 0, (np.array(prob.shape) - 1) / 2
+    rows = []
+    for t in thresholds:
+        mask = _object(prob, centre, case.spacing, replace(icfg, threshold=t))
+        rows.append(dict(threshold=t, dice=2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1), empty=int(not mask.any())))
+    return rows
+
+def tune_threshold(models, cases: list, roi_cfg: RoiConfig, icfg: InferConfig = None,
+                   thresholds=THRESHOLDS, progress: bool = False) -> tuple:
+    "(the threshold with the best mean Dice over the `cases` that have a nodule, a table of mean Dice and empty masks per threshold)."
+    rows = [dict(case_id=c.case_id, **r) for c in tqdm(cases, desc='threshold', unit='case', disable=not progress)
+            if np.asarray(c.mask).any() for r in threshold_dice(models, c, roi_cfg, icfg, thresholds)]
+    if not rows: raise ValueError(f"none of the {len(cases)} case(s) has a nodule: there is no Dice to choose a threshold by.")
+    table = pd.DataFrame(rows).groupby('threshold').agg(dice=('dice', 'mean'), empty=('empty', 'sum'), cases=('case_id', 'size'))
+    return float(table['dice'].idxmax()), table
 
 # %% ../nbs/12_segment.ipynb #354ef0ef
 def axial_diameters(mask2d: np.ndarray, # one axial slice of a nodule mask (y, x)
@@ -341,11 +383,6 @@ def from_axial_view(array: np.ndarray, # an array on the view's grid (e.g. label
     return np.ascontiguousarray(np.transpose(np.flip(array, flips) if flips else array, np.argsort(axes)))
 
 # %% ../nbs/12_segment.ipynb #7f6da1b1
-def _object(prob: np.ndarray, centre, spacing, icfg: InferConfig) -> np.ndarray:
-    "The nodule in an ROI's probabilities: above the threshold, and only the centre component when `icfg.keep_centre`."
-    m = prob > icfg.threshold
-    return keep_component(m, centre, spacing) if icfg.keep_centre else m
-
 def _segment_cube(models, volume: CTVolume, c, roi_cfg: RoiConfig, icfg: InferConfig, half_mm: float) -> tuple:
     "One nodule with planes='all': the cube that one ROI covers around the point, all three views through `predict_case`."
     r = [(half_mm - s / 2) / s for s in volume.spacing]    # the cube's half-width in voxels: at most one ROI across

@@ -215,6 +215,11 @@ def test_train_then_evaluate(tmp_path, case_folder):
     import torch
     ck = torch.load(out / 'last.pt', weights_only=True)            # safe to open
     assert ck['epoch'] == 2 and ck['spec']['name'] == 'unet' and ck['config']['epochs'] == 2
+    tuned = torch.load(out / 'best.pt', weights_only=True)['infer']   # the threshold chosen on the validation cases
+    assert tuned['planes'] == 'axial' and tuned['keep_centre'] is True and tuned['cases'] >= 1, tuned
+    assert tuned['threshold'] in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6) and len(tuned['dice']) == 7, tuned
+    assert tuned['dice'][f"{tuned['threshold']:.2f}"] == max(tuned['dice'].values()), tuned
+    assert f"Threshold {tuned['threshold']:.2f} chosen on the {tuned['cases']} validation case" in r.stdout, r.stdout
     js = tmp_path / 'metrics.json'
     lungseg('evaluate', '--checkpoint', out / 'best.pt', '--data', case_folder, '--out', js, '--device', 'cpu', cwd=tmp_path)
     res = json.loads(js.read_text())
@@ -225,11 +230,18 @@ def test_train_then_evaluate(tmp_path, case_folder):
     assert all(0 <= d <= 1 for d in dices)
     if dices: assert abs(res['mean']['dice'] - sum(dices) / len(dices)) < 1e-9
     assert res['switches'] == dict(keep_centre=False, tta_flip=False, gate_cls=False, planes='axial')
+    assert res['threshold'] == tuned['threshold'] and 'validation' in res['threshold_source'], res['threshold_source']
     kc = tmp_path / 'metrics_kc.json'   # the post-processing switches reach the scoring
     lungseg('evaluate', '--checkpoint', out / 'best.pt', '--data', case_folder, '--out', kc, '--device', 'cpu', '--keep-centre', '--tta', cwd=tmp_path)
     res_kc = json.loads(kc.read_text())
     assert res_kc['switches'] == dict(keep_centre=True, tta_flip=True, gate_cls=False, planes='axial')
     assert [c['case_id'] for c in res_kc['per_case']] == [c['case_id'] for c in res['per_case']]
+    two = tmp_path / 'metrics_two.json'   # two checkpoints are one ensemble; the same one twice scores as it alone
+    lungseg('evaluate', '--checkpoint', out / 'best.pt', out / 'best.pt', '--data', case_folder, '--out', two, '--device', 'cpu', cwd=tmp_path)
+    res_two = json.loads(two.read_text())
+    assert res_two['checkpoint'] == [str(out / 'best.pt')] * 2 and res_two['threshold'] == res['threshold'], res_two['threshold_source']
+    for a, b in zip(res_two['per_case'], res['per_case']):   # Dice is null (undefined) on the nodule-free case in both
+        assert (a['dice'] is None and b['dice'] is None) or abs(a['dice'] - b['dice']) < 1e-6, (a, b)
 
 
 def test_context_train_evaluate_segment(tmp_path, case_folder):
@@ -283,12 +295,13 @@ def test_planes_train_evaluate(tmp_path, case_folder):
     assert ck['all']['spec']['train_planes'] == 'all' and ck['axial']['spec']['train_planes'] == 'axial'
     assert ck['axial']['config']['max_steps'] is None
     assert ck['all']['config']['max_steps'] == -(-n['axial'] // ck['all']['config']['batch_size'])   # the axial run's batches per epoch
+    assert torch.load(tmp_path / 'all' / 'best.pt', weights_only=True)['infer']['planes'] == 'all'   # its threshold chosen on all planes
     js = tmp_path / 'metrics.json'
-    lungseg('evaluate', '--checkpoint', tmp_path / 'all' / 'best.pt', '--data', case_folder, '--planes', 'all', '--keep-centre',
+    lungseg('evaluate', '--checkpoint', tmp_path / 'all' / 'best.pt', '--data', case_folder, '--keep-centre',
             '--threshold', 0.35, '--out', js, '--device', 'cpu', '--threads', 1, cwd=tmp_path)
-    got = json.loads(js.read_text())
+    got = json.loads(js.read_text())   # no --planes: the planes it was trained on
     assert got['n_cases'] == 8 and got['switches']['planes'] == 'all' and got['switches']['keep_centre'] is True, got['switches']
-    assert got['threshold'] == 0.35
+    assert got['threshold'] == 0.35 and got['threshold_source'] == '--threshold'
 
 
 def test_ctrl_c_then_resume(tmp_path, case_folder):

@@ -217,7 +217,7 @@ def test_dicomseg_extra_declared():
     assert 'highdicom' in cfg['DEFAULT']['dicomseg_requirements']
 
 def test_threshold(setup):
-    "`--threshold` reaches the masks: a higher threshold labels fewer voxels."
+    "`--threshold` reaches the masks: a higher threshold labels fewer voxels; without it, the threshold stored in the checkpoint is used."
     d, ck, chest = setup
     write_volume(chest.image, d / 'thr_in' / 'chest.nii.gz')
     n = {}
@@ -227,3 +227,11 @@ def test_threshold(setup):
         assert rc == 0, se
         n[t] = int((sitk.GetArrayFromImage(sitk.ReadImage(str(d / f'thr{t}' / 'labels.nii.gz'))) > 0).sum())
     assert 0 < n[0.9] < n[0.3], n
+    from lungseg.train import load_checkpoint, save_checkpoint   # a checkpoint whose threshold lungseg train chose: used when none is given
+    tuned = {**load_checkpoint(ck), 'infer': dict(threshold=0.9, planes='axial', keep_centre=True, cases=3, dice={})}
+    save_checkpoint(tuned, d / 'tuned.pt')
+    rc, so, se = run('segment', '--checkpoint', d / 'tuned.pt', '--ct', d / 'thr_in' / 'chest.nii.gz', '--nodules', d / 'annotations.csv',
+                     '--out', d / 'thr_tuned', '--threads', 1)
+    assert rc == 0, se
+    assert 'threshold 0.90 (chosen on 3 validation case(s)' in so, so
+    assert int((sitk.GetArrayFromImage(sitk.ReadImage(str(d / 'thr_tuned' / 'labels.nii.gz'))) > 0).sum()) == n[0.9]
