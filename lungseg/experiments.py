@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, PLANES, plane_view, check_plane_views, holdout_split, load_case_folder, lidc_dir
 from .phantoms import PhantomConfig, make_phantom_cases
 from .train import TrainConfig, fit, seed_everything, model_spec, build_from_spec, pick_device, save_checkpoint
-from .inference import predict_case, evaluate_cases, case_metrics, threshold_dice, THRESHOLDS
+from .inference import InferConfig, predict_case, evaluate_cases, case_metrics, threshold_dice, tune_threshold, THRESHOLDS
 from .metrics import segmentation_metrics, legend
 
 # %% auto #0
@@ -72,6 +72,7 @@ class ExperimentConfig:
     pretrain_phantoms: str = 'small'        # their `PhantomConfig` preset: 'small', or 'realistic' (fitted to LIDC's edge contrast and noise)
     n_boot: int = 2000                      # bootstrap resamples for the confidence intervals
     threshold: float = 0.5                  # probability threshold of the masks
+    tune_threshold: bool = False            # choose each fold model's threshold on its inner pick cases (`tune_threshold`) and test the ensemble at their median (not in the paper)
     inner_frac: float = 0.2                 # share of each fold's training nodules held out to pick its epoch; 0: pick on the fold's own validation cases (optimistic)
     augment: dict = field(default_factory=dict)  # extra `SliceDataset` augmentations of training slices (rot90, scale, intensity); {}: flips only, as in the paper
     infer: dict = field(default_factory=dict)    # `InferConfig` switches of the scoring (keep_centre, tta_flip, gate_cls, planes); {}: all off, as in the paper
@@ -295,10 +296,13 @@ def cross_validate(v: Variant, seed: int, cases: list,
         od = None if out_dir is None else run_dir(out_dir, name, v.label, seed, f)
         if trained is not None: m, best = trained[f]
         else: m, h = train_variant(v, cases, fit_idx, pick_idx, ecfg, seed, pretrained, out_dir=od, progress=progress); best = h.best_epoch
+        t = ecfg.threshold
+        if ecfg.tune_threshold and pick_idx is not None and len(pick_idx):   # chosen like the epoch: on the inner pick cases
+            t = tune_threshold(m, [cases[i] for i in pick_idx], roi, InferConfig(**ecfg.infer), oracle_c=v.oracle_c)[0]
         for i in va:
-            pc = predict_case(m, cases[i], roi, c_oracle=_labels(cases[i]) if v.oracle_c else None, threshold=ecfg.threshold, **ecfg.infer)
+            pc = predict_case(m, cases[i], roi, c_oracle=_labels(cases[i]) if v.oracle_c else None, threshold=t, **ecfg.infer)
             rows.append(dict(variant=v.label, seed=seed, fold=f, case_id=cases[i].case_id,
-                             best_epoch=best, **_case_metrics(pc['prob'], cases[i], ecfg.threshold)))
+                             best_epoch=best, threshold=t, **_case_metrics(pc['prob'], cases[i], t)))
         models.append(m)
         if bar is not None: bar.update(1)
     return models, rows
@@ -308,20 +312,22 @@ def test_ensemble(v: Variant, seed: int,
                   models: list,                # the fold models of `v` (from `cross_validate`)
                   cases: list, test_idx,       # all cases, and the indices of the held-out ones
                   ecfg: ExperimentConfig,
-                  keep_examples: bool = True) -> tuple:   # keep the largest-nodule slice of each case for `comparison_figure`
+                  keep_examples: bool = True,  # keep the largest-nodule slice of each case for `comparison_figure`
+                  threshold: Optional[float] = None) -> tuple:   # default `ecfg.threshold`; `run_experiment` passes the fold models' median when they chose their own
     "Score the held-out cases with the fold models' mean probability; returns (test rows, classifier rows, examples)."
     roi, test_rows, cls_rows, examples = _roi(ecfg.preset, v.context), [], [], {}
+    t = ecfg.threshold if threshold is None else threshold
     for i in test_idx:
         c = cases[i]
-        pc = predict_case(models, c, roi, c_oracle=_labels(c) if v.oracle_c else None, threshold=ecfg.threshold, **ecfg.infer)
-        test_rows.append(dict(variant=v.label, seed=seed, case_id=c.case_id, **_case_metrics(pc['prob'], c, ecfg.threshold)))
+        pc = predict_case(models, c, roi, c_oracle=_labels(c) if v.oracle_c else None, threshold=t, **ecfg.infer)
+        test_rows.append(dict(variant=v.label, seed=seed, case_id=c.case_id, threshold=t, **_case_metrics(pc['prob'], c, t)))
         labels = _labels(c)
         if pc['cls'] is not None and not v.oracle_c:
             cls_rows += [dict(variant=v.label, seed=seed, case_id=c.case_id, z=z, prob=float(p), label=int(l))
                          for z, (p, l) in enumerate(zip(pc['cls'], labels))]
         if keep_examples:
             z = _mid_slice(np.asarray(c.mask))
-            examples[(v.label, c.case_id)] = (z, np.asarray(c.image.array[z]), np.asarray(c.mask[z]), (pc['prob'][z] > ecfg.threshold).astype(np.uint8))
+            examples[(v.label, c.case_id)] = (z, np.asarray(c.image.array[z]), np.asarray(c.mask[z]), (pc['prob'][z] > t).astype(np.uint8))
     return test_rows, cls_rows, examples
 
 # %% ../nbs/09_experiments.ipynb #6e0304c7
@@ -354,7 +360,8 @@ def run_experiment(table,                         # 'table1' / 'table2' / 'table
             models, cv = cross_validate(v, seed, cases, split, ecfg, pre.get(seed), out_dir, name, progress, bar, trained.get(key))
             epochs = {r['fold']: r['best_epoch'] for r in cv}
             trained[key] = [(m, epochs.get(f)) for f, m in enumerate(models)]
-            te, cl, ex = test_ensemble(v, seed, models, cases, split['test'], ecfg, keep_examples=seed == ecfg.seeds[0])
+            t = float(np.median(list({r['fold']: r['threshold'] for r in cv}.values()))) if ecfg.tune_threshold else None
+            te, cl, ex = test_ensemble(v, seed, models, cases, split['test'], ecfg, keep_examples=seed == ecfg.seeds[0], threshold=t)
             cv_rows += cv; test_rows += te; cls_rows += cl; examples.update(ex)
     bar.close()
     ids = lambda idx: [cases[i].case_id for i in idx]

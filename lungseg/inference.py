@@ -252,16 +252,18 @@ def evaluate_cases(models,            # a model or a list of models (ensemble)
     return pd.DataFrame(rows).set_index('case_id')
 
 # %% ../nbs/12_segment.ipynb #7f9ba470
-THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)   # the grid `tune_threshold` chooses from
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 13))   # the grid `tune_threshold` chooses from: 0.05, 0.1, ..., 0.6
 
 def threshold_dice(models,                    # a model or a list of models (ensemble)
                    case: Case,                # a case with its mask
                    roi_cfg: RoiConfig,        # the ROI the models were trained on
                    icfg: InferConfig = None,  # the switches (planes, keep_centre, tta_flip, ...); its threshold is ignored
-                   thresholds=THRESHOLDS) -> list:
+                   thresholds=THRESHOLDS,
+                   oracle_c: bool = False) -> list:   # the true nodule-present label of each slice as c (the oracle ablation)
     "3D Dice of `case`'s mask at each threshold from one `predict_case` pass: [{threshold, dice, empty}] (Dice 0 when both are empty)."
     icfg = icfg or InferConfig()
-    prob = predict_case(models, case, roi_cfg, replace(icfg, keep_centre=False))['prob']
+    c = np.asarray(case.mask).reshape(len(case.mask), -1).any(1).astype(np.float32) if oracle_c else None
+    prob = predict_case(models, case, roi_cfg, replace(icfg, keep_centre=False), c_oracle=c)['prob']
     truth, centre = np.asarray(case.mask) > 0, (np.array(prob.shape) - 1) / 2
     rows = []
     for t in thresholds:
@@ -270,10 +272,10 @@ def threshold_dice(models,                    # a model or a list of models (ens
     return rows
 
 def tune_threshold(models, cases: list, roi_cfg: RoiConfig, icfg: InferConfig = None,
-                   thresholds=THRESHOLDS, progress: bool = False) -> tuple:
+                   thresholds=THRESHOLDS, progress: bool = False, oracle_c: bool = False) -> tuple:
     "(the threshold with the best mean Dice over the `cases` that have a nodule, a table of mean Dice and empty masks per threshold)."
     rows = [dict(case_id=c.case_id, **r) for c in tqdm(cases, desc='threshold', unit='case', disable=not progress)
-            if np.asarray(c.mask).any() for r in threshold_dice(models, c, roi_cfg, icfg, thresholds)]
+            if np.asarray(c.mask).any() for r in threshold_dice(models, c, roi_cfg, icfg, thresholds, oracle_c)]
     if not rows: raise ValueError(f"none of the {len(cases)} case(s) has a nodule: there is no Dice to choose a threshold by.")
     table = pd.DataFrame(rows).groupby('threshold').agg(dice=('dice', 'mean'), empty=('empty', 'sum'), cases=('case_id', 'size'))
     return float(table['dice'].idxmax()), table

@@ -206,6 +206,20 @@ def test_ctrl_c_evaluate_and_experiment(tmp_path, case_folder, checkpoint):
     assert not out_dir.exists() and not list(tmp_path.glob('.exp*')), list(tmp_path.iterdir())
 
 
+def test_experiment_tune_threshold(tmp_path, case_folder):
+    "`lungseg experiment --tune-threshold`: each fold model's threshold chosen on its pick cases, the test ensemble at their median."
+    import pandas as pd
+    out = tmp_path / 'exp'
+    r = lungseg('experiment', 'table1', '--model', 'unet', '--data', case_folder, '--folds', 2, '--epochs', 1, '--tune-threshold',
+                '--device', 'cpu', '--threads', 1, '--out', out, cwd=tmp_path)
+    assert json.loads((out / 'table1_protocol.json').read_text())['config']['tune_threshold'] is True
+    cv, test = pd.read_csv(out / 'table1_cv.csv'), pd.read_csv(out / 'table1_test.csv')
+    fold_t = cv.groupby('fold').threshold.first()
+    from lungseg.inference import THRESHOLDS
+    assert set(fold_t) <= set(THRESHOLDS), fold_t
+    assert set(test.threshold) == {float(fold_t.median())}, (test.threshold.unique(), fold_t)
+
+
 def test_train_then_evaluate(tmp_path, case_folder):
     out = tmp_path / 'run'
     r = lungseg('train', '--data', case_folder, '--model', 'unet', '--epochs', 2, '--device', 'cpu', '--out', out, '--threads', 1, cwd=tmp_path)
@@ -217,7 +231,8 @@ def test_train_then_evaluate(tmp_path, case_folder):
     assert ck['epoch'] == 2 and ck['spec']['name'] == 'unet' and ck['config']['epochs'] == 2
     tuned = torch.load(out / 'best.pt', weights_only=True)['infer']   # the threshold chosen on the validation cases
     assert tuned['planes'] == 'axial' and tuned['keep_centre'] is True and tuned['cases'] >= 1, tuned
-    assert tuned['threshold'] in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6) and len(tuned['dice']) == 7, tuned
+    from lungseg.inference import THRESHOLDS
+    assert tuned['threshold'] in THRESHOLDS and len(tuned['dice']) == len(THRESHOLDS), tuned
     assert tuned['dice'][f"{tuned['threshold']:.2f}"] == max(tuned['dice'].values()), tuned
     assert f"Threshold {tuned['threshold']:.2f} chosen on the {tuned['cases']} validation case" in r.stdout, r.stdout
     js = tmp_path / 'metrics.json'
