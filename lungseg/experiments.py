@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import RoiConfig, SliceDataset, extract_slices, kfold_split, PLANES, plane_view, check_plane_views, holdout_split, load_case_folder, lidc_dir
 from .phantoms import PhantomConfig, make_phantom_cases
 from .train import TrainConfig, fit, seed_everything, model_spec, build_from_spec, pick_device, save_checkpoint
-from .inference import InferConfig, predict_case, evaluate_cases, case_metrics, threshold_dice, tune_threshold, THRESHOLDS
+from .inference import InferConfig, predict_case, evaluate_cases, case_metrics, slice_labels, threshold_dice, tune_threshold, THRESHOLDS
 from .metrics import segmentation_metrics, legend
 
 # %% auto #0
@@ -244,9 +244,7 @@ def _mid_slice(mask: np.ndarray) -> int:
     a = mask.reshape(len(mask), -1).sum(1)
     return int(a.argmax()) if a.any() else len(mask) // 2
 
-def _labels(case) -> np.ndarray:
-    "Per slice of the volume: 1 if it holds nodule voxels."
-    m = np.asarray(case.mask); return m.reshape(len(m), -1).any(1).astype(np.float32)
+_labels = slice_labels   # per slice of the volume: 1 if it holds nodule voxels (`12_segment`)
 
 def _case_metrics(prob: np.ndarray, case, threshold: float) -> dict:
     "3D metrics of one case's probabilities at `threshold` (`case_metrics`, `12_segment`): a miss has hd/assd inf, and hd_capped/assd_capped the volume's diagonal."

@@ -25,9 +25,9 @@ from .train import TrainConfig, _autocast, _to_float, _unwrap, load_trained
 # %% auto #0
 __all__ = ['THRESHOLDS', 'InferConfig', 'roi_inputs', 'spec_roi', 'channels_last', 'run_models', 'keep_component', 'predict_roi',
            'roi_fov_mm', 'tile_centres', 'predict_case', 'predict_volume', 'case_metrics', 'evaluate_cases',
-           'threshold_dice', 'tune_threshold', 'axial_diameters', 'measure_nodule', 'Segmentation', 'voxel_centres',
-           'axial_view', 'from_axial_view', 'segment_ct', 'overview_figure', 'read_nodules_csv', 'match_scans',
-           'write_dicom_seg', 'write_outputs', 'load_segmenter', 'segment_files', 'demo_segmenter',
+           'slice_labels', 'threshold_dice', 'tune_threshold', 'axial_diameters', 'measure_nodule', 'Segmentation',
+           'voxel_centres', 'axial_view', 'from_axial_view', 'segment_ct', 'overview_figure', 'read_nodules_csv',
+           'match_scans', 'write_dicom_seg', 'write_outputs', 'load_segmenter', 'segment_files', 'demo_segmenter',
            'SegmentationBrowser']
 
 # %% ../nbs/12_segment.ipynb #9409cd7e
@@ -254,6 +254,10 @@ def evaluate_cases(models,            # a model or a list of models (ensemble)
 # %% ../nbs/12_segment.ipynb #7f9ba470
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 13))   # the grid `tune_threshold` chooses from: 0.05, 0.1, ..., 0.6
 
+def slice_labels(case: Case) -> np.ndarray:
+    "Per axial slice of the case's volume: 1 if it holds nodule voxels (the classifier's target, and the oracle c)."
+    m = np.asarray(case.mask); return m.reshape(len(m), -1).any(1).astype(np.float32)
+
 def threshold_dice(models,                    # a model or a list of models (ensemble)
                    case: Case,                # a case with its mask
                    roi_cfg: RoiConfig,        # the ROI the models were trained on
@@ -262,8 +266,7 @@ def threshold_dice(models,                    # a model or a list of models (ens
                    oracle_c: bool = False) -> list:   # the true nodule-present label of each slice as c (the oracle ablation)
     "3D Dice of `case`'s mask at each threshold from one `predict_case` pass: [{threshold, dice, empty}] (Dice 0 when both are empty)."
     icfg = icfg or InferConfig()
-    c = np.asarray(case.mask).reshape(len(case.mask), -1).any(1).astype(np.float32) if oracle_c else None
-    prob = predict_case(models, case, roi_cfg, replace(icfg, keep_centre=False), c_oracle=c)['prob']
+    prob = predict_case(models, case, roi_cfg, replace(icfg, keep_centre=False), c_oracle=slice_labels(case) if oracle_c else None)['prob']
     truth, centre = np.asarray(case.mask) > 0, (np.array(prob.shape) - 1) / 2
     rows = []
     for t in thresholds:
