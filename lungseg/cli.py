@@ -153,6 +153,9 @@ def _add_train_parser(sub):
     t.add_argument('--resume', action='store_true', help='continue the run in --out from its last.pt')
     t.add_argument('--recipe', choices=['finetune', 'pretrain'], default=None,
                    help="the paper's recipes: 'finetune' (lr x0.75 every 5 epochs) or 'pretrain' (constant lr, no STD). Default: the preset's")
+    t.add_argument('--schedule', choices=['step', 'cosine'], default=None,
+                   help="learning-rate schedule: 'step' (the recipe's: lr x0.75 every few epochs) or 'cosine' (not in the paper: "
+                        "half a cosine from --lr to near zero at the last epoch). Default: the recipe's")
     t.add_argument('--val-frac', type=_fraction, default=0.2, help='fraction of the cases used for validation, between 0 and 1 (default 0.2)')
     t.add_argument('--lr', type=_positive, default=None, help='learning rate (default 1e-3)')
     t.add_argument('--no-std', action='store_true', help='proposed model: train without the STD head (as for pretraining)')
@@ -303,6 +306,7 @@ def _train_config(preset: str, recipe: str, a):
     kw = dict(device=a.device, seed=a.seed, num_workers=a.workers)
     if a.epochs is not None: kw['epochs'] = a.epochs
     if a.batch_size is not None: kw['batch_size'] = a.batch_size
+    if getattr(a, 'schedule', None) is not None: kw['schedule'] = a.schedule
     if getattr(a, 'lr', None) is not None: kw['lr'] = a.lr
     return replace(cfg, **kw)
 

@@ -24,9 +24,10 @@ __all__ = ['TABLES', 'METRICS', 'CAPPED', 'load_cases', 'case_groups', 'Experime
            'ExperimentResult', 'experiment_split', 'run_dir', 'cross_validate', 'test_ensemble', 'run_experiment',
            'summary', 'show', 'paired_bootstrap', 'default_reference', 'bootstrap_table', 'results_table',
            'markdown_table', 'roc_auc', 'calibration', 'expected_calibration_error', 'classifier_report',
-           'reliability_plot', 'variant_colour', 'comparison_figure', 'table_legend', 'quickstart', 'load_result',
-           'fold_models', 'rescore', 'threshold_sweep', 'chosen_threshold', 'combine_results', 'every_case',
-           'pool_repeats', 'select_rows', 'switch_table', 'subgroup_table', 'evaluation_result']
+           'reliability_plot', 'slice_positions', 'auc_by_position', 'variant_colour', 'comparison_figure',
+           'table_legend', 'quickstart', 'load_result', 'fold_models', 'rescore', 'threshold_sweep', 'chosen_threshold',
+           'combine_results', 'every_case', 'pool_repeats', 'select_rows', 'switch_table', 'subgroup_table',
+           'evaluation_result']
 
 # %% ../nbs/09_experiments.ipynb #0fc5d64c
 def load_cases(data='phantoms',      # 'phantoms', 'phantoms:N' (N synthetic cases), 'lidc' (the LIDC sample), a case folder, or a LUNA16 folder (annotations.csv + subset*/)
@@ -546,6 +547,40 @@ def reliability_plot(res: ExperimentResult, ax=None):
         c = calibration(d.prob, d.label); ax.plot(c['predicted'], c['observed'], 'o-', label=v, ms=4)
     ax.set_xlabel('classifier c (predicted)'); ax.set_ylabel('observed frequency'); ax.legend(fontsize=7)
     return ax
+
+# %% ../nbs/09_experiments.ipynb #187e502e
+def slice_positions(label,      # per-slice 0/1 nodule labels of one case, in z order
+                    edge: int = 2  # slices counted as a nodule's end, and as next to it
+                   ) -> np.ndarray:
+    "Each slice's place along z: 'end' or 'interior' (nodule slices), 'next' or 'far' (empty slices within / beyond `edge` of the nodule)."
+    y = np.asarray(label).astype(bool)
+    z, where = np.flatnonzero(y), np.full(len(y), 'far', dtype=object)
+    if len(z) == 0: return where
+    i = np.arange(len(y))
+    into = np.minimum(i - z[0], z[-1] - i)                       # slices from the nearer end, inside the nodule's extent
+    gap = np.abs(i[:, None] - z[None]).min(1)                    # slices to the nearest nodule slice
+    where[y] = np.where(into[y] < edge, 'end', 'interior')
+    where[~y & (gap <= edge)] = 'next'
+    return where
+
+def auc_by_position(cls: pd.DataFrame, # classifier rows: variant, seed, case_id, z, prob, label (`ExperimentResult.cls`)
+                    edge: int = 2) -> pd.DataFrame:
+    "Per variant: the slice AUC over all slices, and of each kind of nodule slice (end / interior) against each kind of empty slice (next / far)."
+    parts = []
+    for _, d in cls.sort_values('z').groupby(['variant', 'seed', 'case_id'], sort=False):
+        parts.append(d.assign(where=slice_positions(d.label.values, edge)))
+    d = pd.concat(parts)
+    pairs = {'all': ({'end', 'interior'}, {'next', 'far'}), 'end vs far': ({'end'}, {'far'}), 'interior vs far': ({'interior'}, {'far'}),
+             'end vs next': ({'end'}, {'next'}), 'interior vs next': ({'interior'}, {'next'})}
+    rows = {}
+    for v, g in d.groupby('variant', sort=False):
+        rows[v] = {k: roc_auc(g.prob[g['where'].isin(pos | neg)], g.label[g['where'].isin(pos | neg)]) for k, (pos, neg) in pairs.items()}
+        rows[v].update({f'n {w}': int((g['where'] == w).sum()) for w in ('end', 'interior', 'next', 'far')})
+    out = pd.DataFrame(rows).T
+    out.attrs['legend'] = (f"Slice AUC of c for nodule slices at an end (within {edge} slices of the first or last nodule slice) or in the "
+                           f"interior, against empty slices next to the nodule (within {edge} slices) or far from it; 'all' pools every "
+                           "slice; n: slices of each kind (over seeds and cases).")
+    return out
 
 # %% ../nbs/09_experiments.ipynb #0aff8af3
 def _table_variant(label: str) -> Optional[Variant]:

@@ -18,12 +18,14 @@ from .blocks import SegOutput
 from .metrics import total_loss, segmentation_metrics
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'pick_device', 'seed_everything', 'get_rng_state', 'set_rng_state',
+__all__ = ['SCHEDULES', 'CHECKPOINT_FORMAT', 'TrainConfig', 'pick_device', 'seed_everything', 'get_rng_state', 'set_rng_state',
            'save_checkpoint', 'load_checkpoint', 'EpochBatchSampler', 'overlap_from_counts', 'validate', 'History',
-           'LivePlot', 'TrainingError', 'make_adam', 'NonFiniteLoss', 'train_step', 'Run', 'setup_run', 'train_epoch',
-           'end_epoch', 'fit', 'model_spec', 'build_from_spec', 'load_trained']
+           'LivePlot', 'TrainingError', 'make_adam', 'NonFiniteLoss', 'train_step', 'cosine_factor', 'Run', 'setup_run',
+           'train_epoch', 'end_epoch', 'fit', 'model_spec', 'build_from_spec', 'load_trained']
 
 # %% ../nbs/08_train.ipynb #6e48e27e
+SCHEDULES = ('constant', 'step', 'cosine')   # learning-rate schedules `TrainConfig.schedule` accepts
+
 @dataclass
 class TrainConfig:
     "How to train: the optimiser, the recipe (epochs and learning-rate schedule), the loss weights and the machinery."
@@ -31,7 +33,7 @@ class TrainConfig:
     batch_size: int = 10             # global batch (split across processes under DDP)
     lr: float = 1e-3                 # Adam learning rate
     weight_decay: float = 1e-8       # Adam weight decay
-    schedule: str = 'step'           # 'constant' (pretraining) or 'step' (fine-tuning: lr x gamma every step_every epochs)
+    schedule: str = 'step'           # 'constant' (pretraining), 'step' (fine-tuning: lr x gamma every step_every epochs) or 'cosine' (not in the paper)
     step_every: int = 5              # epochs between learning-rate decays ('step' schedule)
     gamma: float = 0.75              # decay factor ('step' schedule)
     w_seg_bce: float = 1.            # lambda_1 of Eq. 7
@@ -78,7 +80,7 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
     def __post_init__(self):
-        if self.schedule not in ('constant', 'step'): raise ValueError(f"schedule must be 'constant' or 'step', not {self.schedule!r}.")
+        if self.schedule not in SCHEDULES: raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, not {self.schedule!r}.")
         if self.batch_size < 1: raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
         if self.epochs < 1: raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
 
@@ -423,8 +425,14 @@ def _train_mode(model: nn.Module, bn_eval: bool) -> None:
             ps = list(m.parameters(recurse=False))
             if bn_eval or (ps and not any(p.requires_grad for p in ps)): m.eval()
 
+def cosine_factor(epoch: int, epochs: int) -> float:
+    "The 'cosine' schedule's learning-rate factor in 0-based `epoch` of `epochs`: half a cosine from 1 down towards 0."
+    return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
 def _scheduler(opt, cfg: TrainConfig):
+    "The learning-rate schedule of `cfg`, stepped once per epoch (a closed form, so a resumed run with more --epochs stretches it)."
     if cfg.schedule == 'constant': return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=1.0)
+    if cfg.schedule == 'cosine': return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, cfg.epochs))
     return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_every, gamma=cfg.gamma)
 
 class _DeferInterrupt:

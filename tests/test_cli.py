@@ -321,7 +321,7 @@ def test_planes_train_evaluate(tmp_path, case_folder):
 
 def test_ctrl_c_then_resume(tmp_path, case_folder):
     out = tmp_path / 'run'
-    args = ['train', '--data', case_folder, '--model', 'unet', '--epochs', 4, '--device', 'cpu', '--out', out, '--threads', 1]
+    args = ['train', '--data', case_folder, '--model', 'unet', '--epochs', 4, '--schedule', 'cosine', '--device', 'cpu', '--out', out, '--threads', 1]
     p = subprocess.Popen(LUNGSEG + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
     t0 = time.time()
     while not (out / 'last.pt').exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.2)
@@ -335,7 +335,10 @@ def test_ctrl_c_then_resume(tmp_path, case_folder):
     assert ck['epoch'] < 4
     r = lungseg(*args, '--resume', cwd=tmp_path)
     assert 'Resuming' in r.stdout
-    assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == 4
+    done = torch.load(out / 'last.pt', weights_only=True)
+    assert done['epoch'] == 4 and done['config']['schedule'] == 'cosine'
+    from lungseg.train import cosine_factor   # the resumed run keeps the cosine schedule, epoch by epoch
+    assert [round(h['lr'], 12) for h in done['history']] == [round(1e-3 * cosine_factor(e, 4), 12) for e in range(4)], done['history']
 
 
 def test_quickstart(tmp_path):

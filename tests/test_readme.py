@@ -53,9 +53,12 @@ def test_readme_flow_table_is_the_saved_run():
     "README's table of its own commands (lungseg train, then lungseg evaluate --keep-centre) is computed from the saved JSON files."
     from lungseg.experiments import evaluation_result, results_table, markdown_table
     readme, flow = (ROOT / 'README.md').read_text(), ROOT / 'nbs' / 'results' / 'lidc' / 'flow'
-    rows = {'Proposed, instance norm in the segmenter, all planes': 'prop_best', 'MONAI BasicUNet': 'monai',
-            'MONAI BasicUNet, all planes': 'monai_planes', 'UNet, all planes': 'unet', 'ResUNet, all planes': 'resunet',
-            'ResUNet++, all planes': 'resunetpp', 'DeepLabv3+, all planes': 'deeplab', 'Proposed model': 'paper'}
+    rows = {'Proposed, instance norm in the segmenter, all planes, cosine': 'prop_cos',
+            'Proposed, instance norm in the segmenter, all planes': 'prop_best',
+            'Proposed, instance norm in the segmenter, all planes, cosine, pretrained on phantoms': 'tl_cos',
+            'MONAI BasicUNet': 'monai', 'MONAI BasicUNet, all planes': 'monai_planes', 'MONAI BasicUNet, all planes, cosine': 'monai_planes_cos',
+            'UNet, all planes': 'unet', 'ResUNet, all planes': 'resunet', 'ResUNet++, all planes': 'resunetpp',
+            'DeepLabv3+, all planes': 'deeplab', 'Proposed model': 'paper'}
     res = evaluation_result({label: [flow / f'{run}_s{s}+keep_centre.json' for s in (0, 1, 2)] for label, run in rows.items()})
     table = markdown_table(results_table(res, reference=next(iter(rows))))
     assert table in readme, f'README lacks the table of its own commands:\n{table}'
