@@ -57,8 +57,21 @@ def test_readme_flow_table_is_the_saved_run():
             'Proposed, instance norm in the segmenter, all planes': 'prop_best',
             'Proposed, instance norm in the segmenter, all planes, cosine, pretrained on phantoms': 'tl_cos',
             'MONAI BasicUNet': 'monai', 'MONAI BasicUNet, all planes': 'monai_planes', 'MONAI BasicUNet, all planes, cosine': 'monai_planes_cos',
-            'UNet, all planes': 'unet', 'ResUNet, all planes': 'resunet', 'ResUNet++, all planes': 'resunetpp',
+            'UNet, all planes, cosine': 'unet_cos', 'ResUNet, all planes, cosine': 'resunet_cos', 'ResUNet++, all planes, cosine': 'resunetpp_cos',
             'DeepLabv3+, all planes': 'deeplab', 'Proposed model': 'paper'}
     res = evaluation_result({label: [flow / f'{run}_s{s}+keep_centre.json' for s in (0, 1, 2)] for label, run in rows.items()})
     table = markdown_table(results_table(res, reference=next(iter(rows))))
     assert table in readme, f'README lacks the table of its own commands:\n{table}'
+
+
+def test_split_holds_out_the_readme_test_nodules(tmp_path):
+    "lungseg split --data lidc, with its defaults, writes the 80 training and the 20 test nodules the README's table used."
+    from lungseg.cli import main
+    from lungseg.data import find_lidc, load_case_folder
+    assert find_lidc() is not None, 'the LIDC sample (../shared/data/lidc-nodules or $LUNGSEG_LIDC_DIR) is needed here'
+    assert main(['split', '--data', 'lidc', '--out', str(tmp_path)]) == 0
+    split = json.loads((tmp_path / 'split.json').read_text())
+    scored = json.loads((ROOT / 'nbs' / 'results' / 'lidc' / 'flow' / 'prop_cos_s0+keep_centre.json').read_text())['per_case']
+    assert sorted(split['test']) == sorted(c['case_id'] for c in scored)
+    assert len(split['train']) == 80 and not set(split['train']) & set(split['test'])
+    assert sorted(c.case_id for c in load_case_folder(tmp_path / 'test')) == sorted(split['test'])
