@@ -487,11 +487,11 @@ def cmd_evaluate(a) -> int:
 # %% ../nbs/09a_cli.ipynb #52927899
 def cmd_split(a) -> int:
     "`lungseg split`: a train/test split of --data by patient, written as the case folders OUT/train and OUT/test (+ OUT/split.json)."
-    from lungseg.data import holdout_split, write_case_folder
+    from lungseg.data import holdout_split, write_case_folder, holds_files
     from lungseg.experiments import load_cases
     out = Path(a.out)
     for part in ('train', 'test'):
-        if (out / part).exists() and (not (out / part).is_dir() or any((out / part).iterdir())):
+        if holds_files(out / part):   # checked before loading anything, and before writing the other part
             raise FileExistsError(f"--out {out}: {out / part} already exists and is not empty; choose another --out or remove it")
     _probe_dir(out, '--out')
     cases = load_cases(a.data, seed=a.seed)

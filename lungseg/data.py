@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['READ_SUFFIXES', 'WRITE_SUFFIXES', 'LUNA_COLUMNS', 'PLANES', 'CTFileError', 'CTVolume', 'volume_suffix', 'volume_stem',
            'read_volume', 'move_entries', 'write_volume', 'save_figure', 'write_dicom_series', 'Case', 'check_mask',
-           'load_case_folder', 'write_case_folder', 'scan_id', 'load_scans', 'lidc_dir', 'find_lidc', 'resample_volume',
-           'read_luna_csv', 'luna_to_voxel', 'ellipsoid_mask', 'load_luna16', 'RoiConfig', 'SliceSet', 'roi_grid',
-           'context_index', 'extract_slices', 'permute_volume', 'plane_view', 'check_plane_views', 'normalize_hu',
-           'SliceDataset', 'kfold_split', 'holdout_split']
+           'load_case_folder', 'holds_files', 'write_case_folder', 'scan_id', 'load_scans', 'lidc_dir', 'find_lidc',
+           'resample_volume', 'read_luna_csv', 'luna_to_voxel', 'ellipsoid_mask', 'load_luna16', 'RoiConfig',
+           'SliceSet', 'roi_grid', 'context_index', 'extract_slices', 'permute_volume', 'plane_view',
+           'check_plane_views', 'normalize_hu', 'SliceDataset', 'kfold_split', 'holdout_split']
 
 # %% ../nbs/01_data.ipynb #c007
 class CTFileError(ValueError):
@@ -437,13 +437,18 @@ def load_case_folder(folder, # holds images/<id>.<ext> and masks/<id>.<ext> (+ o
     return cases
 
 # %% ../nbs/01_data.ipynb #c035
+def holds_files(folder) -> bool:
+    "True if `folder` is a file, or a folder with anything in it: a place `write_case_folder` will not write over."
+    folder = Path(folder)
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
 def write_case_folder(cases:list, # the cases to write
                       folder, # destination; created, or replaced when overwrite=True
                       overwrite:bool=False, # replace an existing non-empty folder
                       progress:bool=False): # show a tqdm progress bar
     "Write cases as images/<id>.nii.gz + masks/<id>.nii.gz + metadata.csv, atomically (temporary folder, then rename)."
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+    if holds_files(folder) and not overwrite:
         raise FileExistsError(f"{folder}: exists and is not empty; pass overwrite=True to replace it")
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids): raise ValueError(f"case ids are not unique: {sorted({i for i in ids if ids.count(i) > 1})}")
