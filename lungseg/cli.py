@@ -15,8 +15,8 @@ __all__ = ['MODEL_CHOICES', 'TRAIN_MODEL_CHOICES', 'NORM_CHOICES', 'default_thre
 
 # %% ../nbs/09a_cli.ipynb #6c950817
 _DATA_HELP = ("case folder (images/<id>.nii.gz + masks/<id>.nii.gz, any SimpleITK format or DICOM series folders), "
-              "'lidc' for the LIDC sample ($LUNGSEG_LIDC_DIR or ../shared/data/lidc-nodules), or 'phantoms' / 'phantoms:N' "
-              "for N synthetic cases")
+              "'lidc' for the LIDC sample ($LUNGSEG_LIDC_DIR or ../shared/data/lidc-nodules), 'phantoms' / 'phantoms:N' "
+              "for N synthetic cases, or a LUNA16 folder (annotations.csv + subset*/ with the .mhd scans)")
 
 MODEL_CHOICES = ('proposed', 'unet', 'resunet', 'resunetpp', 'deeplabv3plus')   # lungseg.baselines.MODEL_NAMES (without importing torch)
 TRAIN_MODEL_CHOICES = MODEL_CHOICES + ('monai_basicunet',)   # plus lungseg.baselines.REFERENCE_MODELS, which need monai
