@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from contextlib import contextmanager
 from .baselines import model_colour, contour_legend
-from .data import Case, CTVolume, RoiConfig, SliceDataset, extract_slices, holdout_split, normalize_hu
-from .experiments import load_cases, case_groups
+from .data import Case, CTVolume, RoiConfig, holdout_split, normalize_hu
+from .experiments import load_cases, case_groups, slice_datasets, axial_steps
 from .metrics import segmentation_metrics
 from .std import STDExplorer
 from .train import TrainConfig, fit, seed_everything, model_spec, build_from_spec, load_trained
@@ -64,15 +64,19 @@ class CompareConfig:
     max_steps: Optional[int] = 40           # batches per epoch at most (None: whole epochs)
     val_every: int = 2                      # validate every this many epochs (and after the last): validation costs time
     seed: int = 0                           # split and training seed
+    norm: Optional[str] = None              # proposed model: normalisation of its segmenter (`build_model` norm; None: the paper's)
+    cls_norm: Optional[str] = None          # proposed model: normalisation of its classifier (None: as `norm`)
+    planes: str = 'axial'                   # 'axial' (the paper's) or 'all': train on axial, coronal and sagittal slices, predict with all three
+    schedule: Optional[str] = None          # learning-rate schedule, 'step' or 'cosine' (None: the recipe's step schedule)
     progress: bool = True                   # progress bars
 
     @classmethod
     def small(cls, **kw) -> 'CompareConfig':
-        "Laptop CPU: about four minutes of training for two small models on first use (320 batches each)."
-        return cls(**kw)
+        "Laptop CPU, the README's recipe (instance norm in the proposed segmenter, all planes, cosine): two small models, 320 batches each, a few minutes on first use."
+        return cls(**{**dict(norm='instance', cls_norm='batch', planes='all', schedule='cosine'), **kw})
     @classmethod
     def paper(cls, **kw) -> 'CompareConfig':
-        "Every model of Table 1 at the paper's scale (hours; use a GPU)."
+        "Every model of Table 1 at the paper's scale and in its configuration (axial slices, step schedule; hours: use a GPU)."
         return cls(**{**dict(models=('unet', 'resunet', 'resunetpp', 'deeplabv3plus', 'proposed'), preset='paper',
                              epochs=50, max_steps=None, val_every=1), **kw})
     @classmethod
@@ -86,6 +90,8 @@ class CompareConfig:
         if len(set(self.models)) != len(self.models): raise ValueError(f"CompareConfig.models has duplicates: {self.models}")
         if not 0 < self.test_frac < 1: raise ValueError(f"test_frac must lie in (0, 1); got {self.test_frac}")
         if not 0 < self.val_frac < 1: raise ValueError(f"val_frac must lie in (0, 1); got {self.val_frac}")
+        if self.planes not in ('axial', 'all'): raise ValueError(f"planes must be 'axial' or 'all'; got {self.planes!r}")
+        if self.schedule not in (None, 'step', 'cosine'): raise ValueError(f"schedule must be None, 'step' or 'cosine'; got {self.schedule!r}")
 
     def resolved_data(self) -> str:
         "`data` with 'auto' resolved: 'lidc' when the LIDC sample is on disk, else 'phantoms'."
@@ -139,6 +145,7 @@ class Comparison:
     folder: Optional[Path] = None   # cache folder it was saved to or loaded from
     from_cache: bool = False        # True when loaded without training
     threshold: float = 0.5          # probability above which a voxel is nodule
+    planes: str = 'axial'           # views the probabilities average ('axial', or 'all': axial, coronal, sagittal)
 
     @property
     def labels(self) -> list: return list(self.models)
@@ -180,6 +187,7 @@ def compare_models(models: dict,              # label -> trained lungseg model
                    roi: RoiConfig,            # the ROI preset the models were trained with
                    source: str = '', credit: str = '',
                    threshold: float = 0.5,
+                   planes: str = 'axial',     # views to predict with: 'axial', or 'all' for models trained on all planes
                    progress: bool = True) -> Comparison:
     "Predict every case with every model (`lungseg.inference.predict_case`) and score it in 3D."
     if not models: raise ValueError("compare_models needs at least one model: a dict label -> trained model.")
@@ -189,12 +197,12 @@ def compare_models(models: dict,              # label -> trained lungseg model
     for label, m in models.items():
         m.eval(); probs[label], cls[label] = {}, {}
         for c in cases:
-            p = predict_case(m, c, roi)
+            p = predict_case(m, c, roi, planes=planes)
             probs[label][c.case_id] = p['prob'].astype(np.float16)
             cls[label][c.case_id] = None if p['cls'] is None else np.asarray(p['cls'], np.float32)
             bar.update(1)
     bar.close()
-    return Comparison(list(cases), dict(models), probs, cls, _score(probs, cases, threshold), roi, source, credit, threshold=threshold)
+    return Comparison(list(cases), dict(models), probs, cls, _score(probs, cases, threshold), roi, source, credit, threshold=threshold, planes=planes)
 
 # %% ../nbs/10_compare.ipynb #3035354b
 def _save_comparison(comp: Comparison, folder, checkpoints: dict, config: dict):
@@ -211,7 +219,7 @@ def _save_comparison(comp: Comparison, folder, checkpoints: dict, config: dict):
     cases = [dict(case_id=c.case_id, spacing=list(c.image.spacing), origin=list(c.image.origin), direction=c.image.direction.ravel().tolist(),
                   meta={k: (v.item() if isinstance(v, np.generic) else v) for k, v in c.meta.items() if np.isscalar(v)}) for c in comp.cases]
     manifest = dict(format='lungseg-comparison-1', created=time.strftime('%Y-%m-%d %H:%M:%S'), source=comp.source, credit=comp.credit,
-                    threshold=comp.threshold, roi=asdict(comp.roi), models={k: str(Path(v).relative_to(folder)) for k, v in checkpoints.items()},
+                    threshold=comp.threshold, planes=comp.planes, roi=asdict(comp.roi), models={k: str(Path(v).relative_to(folder)) for k, v in checkpoints.items()},
                     cases=cases, config=config)
     (folder / 'manifest.tmp.json').write_text(json.dumps(manifest, indent=1, default=str))
     os.replace(folder / 'manifest.tmp.json', folder / 'manifest.json')   # written last: its presence means complete
@@ -234,7 +242,7 @@ def load_comparison(folder, device='cpu') -> Comparison:
                 cls[label][c['case_id']] = a[f'cls_{label}_{i}'] if f'cls_{label}_{i}' in a.files else None
     metrics = pd.read_csv(folder / 'metrics.csv', index_col=['case_id', 'model'])
     metrics.index = metrics.index.set_levels([metrics.index.levels[0].astype(str), metrics.index.levels[1].astype(str)])
-    return Comparison(cases, models, probs, cls, metrics, RoiConfig(**man['roi']), man['source'], man['credit'], folder, True, man['threshold'])
+    return Comparison(cases, models, probs, cls, metrics, RoiConfig(**man['roi']), man['source'], man['credit'], folder, True, man['threshold'], man.get('planes', 'axial'))
 
 # %% ../nbs/10_compare.ipynb #267b37d2
 def _source(data: str, n: int) -> tuple:
@@ -263,22 +271,23 @@ def load_or_train(cfg: Optional[CompareConfig] = None, # what to compare; defaul
     tv = np.asarray(tv)
     tr, va = holdout_split([groups[i] for i in tv], cfg.val_frac, cfg.seed)
     roi = RoiConfig.paper() if cfg.preset == 'paper' else RoiConfig.small()
-    train_ds = SliceDataset(extract_slices([cases[i] for i in tv[np.asarray(tr)]], roi), augment=True)
-    val_ds = SliceDataset(extract_slices([cases[i] for i in tv[np.asarray(va)]], roi))
+    train_ds, val_ds = slice_datasets(cases, tv[np.asarray(tr)], tv[np.asarray(va)], roi, planes=cfg.planes)
     tcfg = TrainConfig.small(epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed, device=device, val_every=cfg.val_every,
-                             progress=cfg.progress, live_plot=False, step_every=max(1, cfg.epochs // 3))
+                             progress=cfg.progress, live_plot=False, step_every=max(1, cfg.epochs // 3), **({'schedule': cfg.schedule} if cfg.schedule else {}))
+    tcfg = axial_steps(tcfg, train_ds, cfg.planes)   # all planes: the batches (and time) of axial training
+    norms = {k: v for k, v in (('norm', cfg.norm), ('cls_norm', cfg.cls_norm)) if v}
     models, ckpts = {}, {}
     for name in cfg.models:
         label = MODEL_LABELS.get(name, name)
         out = folder / name
-        spec = model_spec(name, cfg.preset)
+        spec = model_spec(name, cfg.preset, **(norms if name == 'proposed' else {}))
         seed_everything(cfg.seed)        # the initial weights too: the same config trains the same model
         model = build_from_spec(spec)
         fit(model, train_ds, val_ds, tcfg, out, spec=spec, resume=(out / 'last.pt').is_file())
         ckpts[label] = out / 'best.pt' if (out / 'best.pt').is_file() else out / 'last.pt'
         models[label] = load_trained(ckpts[label], device)[0]
     test_cases = [cases[i] for i in te]
-    comp = compare_models(models, test_cases, roi, *_source(data, len(test_cases)), progress=cfg.progress)
+    comp = compare_models(models, test_cases, roi, *_source(data, len(test_cases)), planes=cfg.planes, progress=cfg.progress)
     _save_comparison(comp, folder, ckpts, dict(asdict(cfg), data=data, train_seconds=round(time.time() - t0, 1)))
     comp.folder = folder
     return comp
@@ -544,7 +553,7 @@ def std_effect(comp: Comparison,
         raise ValueError(f"std_effect needs a model with an STD head (the proposed model); the models are {comp.labels}")
     m, rows = comp.models[model], []
     for c in tqdm(comp.cases, desc='without STD', unit='case', disable=not progress):
-        with without_std(m): plain = predict_case(m, c, comp.roi)['prob'] > comp.threshold
+        with without_std(m): plain = predict_case(m, c, comp.roi, planes=comp.planes)['prob'] > comp.threshold
         s = comp.score(c.case_id, model)
         p = segmentation_metrics(plain.astype(np.uint8), np.asarray(c.mask), tuple(c.image.spacing))
         rows.append(dict(case_id=c.case_id, dice_std=s['dice'], dice_plain=float(p['dice']), hd_std=s['hd'], hd_plain=float(p['hd'])))
@@ -572,7 +581,7 @@ def std_effect_figure(comp: Comparison,
     for r, cid in enumerate(case_ids):
         c, e = comp.case(cid), effect.loc[cid]
         z = best_slice(c.mask)
-        with without_std(m): plain = predict_case(m, c, comp.roi)['prob'][z] > comp.threshold
+        with without_std(m): plain = predict_case(m, c, comp.roi, planes=comp.planes)['prob'][z] > comp.threshold
         cz = comp.cls[model][cid]
         panels = [(None, 'CT + truth'), (plain, f"no STD: Dice {_fmt(e.dice_plain)}, HD {_fmt_mm(e.hd_plain)}"),
                   (comp.pred(model, cid)[z] > 0, f"STD + prior: Dice {_fmt(e.dice_std)}, HD {_fmt_mm(e.hd_std)}")]
