@@ -264,12 +264,17 @@ def _add_split_parser(sub):
     "The `lungseg split` subcommand and its options."
     s = sub.add_parser('split', help='hold out test cases by patient and write the two parts as case folders (OUT/train, OUT/test)',
                        description="Split the cases of --data by patient into training and test cases (a seeded random "
-                                   "--test-frac of the patients is held out, as Table 1 does) and write them as two case folders, "
+                                   "--test-frac of the patients is held out, as Table 1 does; or, with --folds K --fold I, the I-th of K "
+                                   "disjoint folds, for cross-validation) and write them as two case folders, "
                                    "OUT/train and OUT/test, with OUT/split.json naming the cases of each. Give OUT/train to "
                                    "lungseg train and OUT/test to lungseg evaluate.")
     s.add_argument('--data', required=True, help=_DATA_HELP)
     s.add_argument('--out', required=True, help='folder to write train/, test/ and split.json into (train/ and test/ must not hold anything yet)')
-    s.add_argument('--test-frac', type=_fraction, default=0.2, help='fraction of the patients held out for testing, between 0 and 1 (default 0.2)')
+    s.add_argument('--test-frac', type=_fraction, default=None, help='fraction of the patients held out for testing, between 0 and 1 (default 0.2)')
+    s.add_argument('--folds', type=_int_at_least(2), default=None,
+                   help="cross-validation: cut the patients into this many disjoint folds (balanced by case count) and hold out fold --fold; "
+                        "run it once per fold with the same --seed, and every case is tested exactly once")
+    s.add_argument('--fold', type=_int_at_least(0), default=None, help='with --folds: the fold to hold out, 0 to K-1')
     s.add_argument('--seed', type=_int_at_least(0), default=0, help="seed of the split (and of the phantoms for --data phantoms) (default 0: Table 1's split)")
     return s
 
@@ -487,7 +492,11 @@ def cmd_evaluate(a) -> int:
 # %% ../nbs/09a_cli.ipynb #52927899
 def cmd_split(a) -> int:
     "`lungseg split`: a train/test split of --data by patient, written as the case folders OUT/train and OUT/test (+ OUT/split.json)."
-    from lungseg.data import holdout_split, write_case_folder, holds_files
+    from lungseg.data import holdout_split, kfold_split, write_case_folder, holds_files
+    if a.folds is None and a.fold is not None: raise ValueError("--fold needs --folds (the number of folds), e.g. --folds 5 --fold 0")
+    if a.folds is not None and a.fold is None: raise ValueError(f"--folds {a.folds} needs --fold (0 to {a.folds - 1}): the fold to hold out")
+    if a.folds is not None and a.fold >= a.folds: raise ValueError(f"--fold {a.fold} is not one of the {a.folds} folds (0 to {a.folds - 1})")
+    if a.folds is not None and a.test_frac is not None: raise ValueError("give --test-frac or --folds, not both: a fold holds out 1/K of the patients")
     from lungseg.experiments import load_cases
     out = Path(a.out)
     for part in ('train', 'test'):
@@ -496,9 +505,14 @@ def cmd_split(a) -> int:
     _probe_dir(out, '--out')
     cases = load_cases(a.data, seed=a.seed)
     groups = _check_split(cases, a.data, 2, 'a train/test split')
-    parts = dict(zip(('train', 'test'), holdout_split(groups, a.test_frac, a.seed)))
+    if a.folds is not None:
+        if a.folds > len(set(groups)): raise ValueError(f"--folds {a.folds}: {a.data} has only {len(set(groups))} patients")
+        parts, how = dict(zip(('train', 'test'), kfold_split(groups, a.folds, a.seed)[a.fold])), dict(folds=a.folds, fold=a.fold)
+    else:
+        frac = 0.2 if a.test_frac is None else a.test_frac
+        parts, how = dict(zip(('train', 'test'), holdout_split(groups, frac, a.seed))), dict(test_frac=frac)
     for part, idx in parts.items(): write_case_folder([cases[i] for i in idx], out / part, progress=True)
-    split = dict(data=str(a.data), test_frac=a.test_frac, seed=a.seed, **{part: [cases[i].case_id for i in idx] for part, idx in parts.items()})
+    split = dict(data=str(a.data), **how, seed=a.seed, **{part: [cases[i].case_id for i in idx] for part, idx in parts.items()})
     _write_output(out / 'split.json', json.dumps(split, indent=1), '--out')
     n_test = len({groups[i] for i in parts['test']})
     print(f"wrote {len(parts['train'])} training cases to {out / 'train'} and {len(parts['test'])} test cases ({n_test} patients) to "

@@ -869,14 +869,27 @@ def _json_metric(k: str, v, c: dict) -> float:
     one_empty = (c.get('tp', 0) + c.get('fp', 0) == 0) != (c.get('tp', 0) + c.get('fn', 0) == 0)
     return np.inf if k in ('hd', 'hd95', 'assd') and one_empty else np.nan
 
+def _read_evaluation(p) -> dict:
+    "One `lungseg evaluate` JSON; a list of them is one model's cross-validation folds, read as one evaluation of all their cases."
+    if isinstance(p, (str, Path)): return json.loads(Path(p).read_text())
+    folds = [json.loads(Path(f).read_text()) for f in p]
+    seen = {}
+    for f, js in zip(p, folds):
+        for c in js['per_case']:
+            if c['case_id'] in seen: raise ValueError(f"case {c['case_id']} is in two folds ({seen[c['case_id']]} and {f}): folds must hold disjoint test cases.")
+            seen[c['case_id']] = f
+    if len({int(js['model'].get('split_seed', 0)) for js in folds}) > 1: raise ValueError(f"the folds {[str(f) for f in p]} come from different training seeds.")
+    return dict(folds[0], per_case=[c for js in folds for c in js['per_case']], threshold=None)
+
 def evaluation_result(runs: dict,              # row label -> the `lungseg evaluate` JSON files of that model, one per training seed
+                                               # (for cross-validation, a list of the fold files in place of each file)
                       name: str = 'evaluate') -> ExperimentResult:
     "Several models' `lungseg evaluate` outputs on the same cases as an `ExperimentResult` (test rows only), for `results_table` and `bootstrap_table`."
     rows, ids = [], None
     for label, paths in runs.items():
         seeds = []
         for p in paths:
-            js = json.loads(Path(p).read_text())
+            js = _read_evaluation(p)
             seeds.append(seed := int(js['model'].get('split_seed', 0)))
             cases = sorted(c['case_id'] for c in js['per_case'])
             if ids is None: ids, first = cases, p
@@ -884,5 +897,5 @@ def evaluation_result(runs: dict,              # row label -> the `lungseg evalu
             rows += [dict(variant=label, seed=seed, threshold=js.get('threshold'), **{k: _json_metric(k, v, c) for k, v in c.items()})
                      for c in js['per_case']]
         if len(set(seeds)) < len(seeds): raise ValueError(f"{label}: two files come from seed {max(seeds, key=seeds.count)}: give one file per training seed.")
-    config = dict(source='lungseg evaluate', files={l: [str(p) for p in ps] for l, ps in runs.items()})
+    config = dict(source='lungseg evaluate', files={l: [str(p) if isinstance(p, (str, Path)) else [str(f) for f in p] for p in ps] for l, ps in runs.items()})
     return ExperimentResult(name, config, pd.DataFrame(), pd.DataFrame(rows), pd.DataFrame(), {}, dict(test=ids), 0.)
