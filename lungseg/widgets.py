@@ -544,6 +544,10 @@ def figure4(comp: Comparison,
     return fig
 
 # %% ../nbs/10_compare.ipynb #0d24b79a
+def _plain_mask(comp: Comparison, model: str, case: Case) -> np.ndarray:
+    "The 0/1 mask of `model` on `case` with its STD head off (a plain sigmoid of the same logits), predicted as the comparison predicts."
+    with without_std(comp.models[model]) as m: return predict_case(m, case, comp.roi, planes=comp.planes)['prob'] > comp.threshold
+
 def std_effect(comp: Comparison,
                model: Optional[str] = None,   # label of a model with an STD head; default: the first one
                progress: bool = False) -> pd.DataFrame:
@@ -551,9 +555,9 @@ def std_effect(comp: Comparison,
     model = model or next((l for l in comp.labels if getattr(comp.models[l], 'std_head', None) is not None), None)
     if model is None or getattr(comp.models[model], 'std_head', None) is None:
         raise ValueError(f"std_effect needs a model with an STD head (the proposed model); the models are {comp.labels}")
-    m, rows = comp.models[model], []
+    rows = []
     for c in tqdm(comp.cases, desc='without STD', unit='case', disable=not progress):
-        with without_std(m): plain = predict_case(m, c, comp.roi, planes=comp.planes)['prob'] > comp.threshold
+        plain = _plain_mask(comp, model, c)
         s = comp.score(c.case_id, model)
         p = segmentation_metrics(plain.astype(np.uint8), np.asarray(c.mask), tuple(c.image.spacing))
         rows.append(dict(case_id=c.case_id, dice_std=s['dice'], dice_plain=float(p['dice']), hd_std=s['hd'], hd_plain=float(p['hd'])))
@@ -575,13 +579,12 @@ def std_effect_figure(comp: Comparison,
         good = e[e.dice_std >= e.dice_std.median()]['gain'].sort_values(kind='stable')   # a help worth seeing: on a case segmented well
         worst = e['gain'].sort_values(kind='stable')
         case_ids = [good.index[-1], worst.index[0]] if len(e) > 1 else list(e.index[:1]) or comp.case_ids[:1]
-    m = comp.models[model]
     fig = Figure(figsize=(8.4, 3.05 * len(case_ids) + 0.6), dpi=dpi)
     axs = fig.subplots(len(case_ids), 3, squeeze=False)
     for r, cid in enumerate(case_ids):
         c, e = comp.case(cid), effect.loc[cid]
         z = best_slice(c.mask)
-        with without_std(m): plain = predict_case(m, c, comp.roi, planes=comp.planes)['prob'][z] > comp.threshold
+        plain = _plain_mask(comp, model, c)[z]
         cz = comp.cls[model][cid]
         panels = [(None, 'CT + truth'), (plain, f"no STD: Dice {_fmt(e.dice_plain)}, HD {_fmt_mm(e.hd_plain)}"),
                   (comp.pred(model, cid)[z] > 0, f"STD + prior: Dice {_fmt(e.dice_std)}, HD {_fmt_mm(e.hd_std)}")]
