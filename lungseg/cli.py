@@ -164,6 +164,11 @@ def _add_train_parser(sub):
     t.add_argument('--planes', choices=['axial', 'all'], default='axial',
                    help="training slices: 'axial' (the paper's) or 'all' (not in the paper): also coronal and sagittal slices, "
                         "each epoch as many batches as axial alone (default axial)")
+    t.add_argument('--roi-size', type=_int_at_least(16), default=None, metavar='PX',
+                   help="ROI height and width in pixels, a multiple of 16 (not in the paper; default the preset's: small 64, paper 128)")
+    t.add_argument('--roi-mm', type=_positive, default=None, metavar='MM',
+                   help="ROI pixel size in mm (not in the paper; default the preset's: small 0.8, paper the scan's own). "
+                        "Finer pixels show a small nodule's edge in more pixels; the field of view is --roi-size x --roi-mm")
     t.add_argument('--init', default=None, help='start from the weights of this checkpoint (transfer learning)')
     t.add_argument('--freeze', nargs='*', default=[], help='proposed model: groups to freeze (S1 S5 S9 C1 FC), with --init')
     _add_common(t)
@@ -356,6 +361,15 @@ def _norm_overrides(a) -> dict:
         raise ValueError(f"--cls-norm sets the proposed model's classifier; {a.model} has no classifier.")
     return {k: v for k, v in (('norm', a.norm), ('cls_norm', a.cls_norm)) if v}
 
+def _roi_override(a, preset: str) -> dict|None:
+    "The ROI that --roi-size and --roi-mm set over the preset's (`RoiConfig` fields, stored as the spec's `roi`), or None: the preset's own."
+    if a.roi_size is None and a.roi_mm is None: return None
+    from lungseg.data import RoiConfig
+    base = RoiConfig.paper() if preset == 'paper' else RoiConfig.small()
+    size = a.roi_size or base.size
+    if size % 16: raise ValueError(f"--roi-size must be a multiple of 16 (the models halve the ROI four times), got {size}.")
+    return dict(size=size, spacing_mm=a.roi_mm if a.roi_mm is not None else base.spacing_mm)
+
 def _train_setup(a, out: Path) -> tuple:
     "(spec, TrainConfig, val_frac, seed) of a new run, or of the run in --out that --resume continues."
     from lungseg.train import TrainConfig, model_spec, pick_device, load_checkpoint
@@ -374,7 +388,7 @@ def _train_setup(a, out: Path) -> tuple:
         recipe = a.recipe or 'finetune'
         cfg = _train_config(preset, recipe, a)
         std = False if (a.no_std or recipe == 'pretrain') else None
-        spec = dict(model_spec(a.model, preset, std_enabled=std, **_norm_overrides(a), **({'in_ch': 1 + 2 * a.context} if a.context else {})),
+        spec = dict(model_spec(a.model, preset, roi=_roi_override(a, preset), std_enabled=std, **_norm_overrides(a), **({'in_ch': 1 + 2 * a.context} if a.context else {})),
                     val_frac=a.val_frac, split_seed=a.seed, data=str(a.data), train_planes=a.planes)
         val_frac, seed = a.val_frac, a.seed
         if (out / 'last.pt').exists():

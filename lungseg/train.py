@@ -663,7 +663,7 @@ def fit(model: nn.Module,                  # any lungseg model: batch [B,1,H,W] 
 # %% ../nbs/08_train.ipynb #7c7f4ddb
 def model_spec(name: str,             # a `lungseg.baselines.MODEL_NAMES` entry
                preset: str = 'small', # model and ROI preset
-               roi: Optional[str] = None, # ROI preset if different from `preset`
+               roi: str|dict|None = None, # ROI preset if different from `preset`, or `RoiConfig` fields (dict(size=96, spacing_mm=0.55))
                std_enabled: Optional[bool] = None, # proposed model: STD head on or off
                **overrides) -> dict:  # `build_model` options
     "A plain-dict description of a model that `build_from_spec` turns back into the model."

@@ -297,6 +297,33 @@ def test_norm_switches_train_evaluate(tmp_path, case_folder):
     assert not (tmp_path / 'bad').exists()
 
 
+def test_roi_size_train_evaluate_segment(tmp_path, case_folder):
+    "--roi-size/--roi-mm (not in the paper): the checkpoint records the ROI, and training, evaluate and segment all cut it."
+    import numpy as np
+    from lungseg.train import load_trained
+    from lungseg.inference import spec_roi, roi_inputs
+    from lungseg.data import RoiConfig
+    out = tmp_path / 'fine'
+    lungseg('train', '--data', case_folder, '--model', 'unet', '--epochs', 1, '--roi-size', 48, '--roi-mm', 1.2, '--device', 'cpu',
+            '--out', out, '--threads', 1, cwd=tmp_path)
+    model, ck = load_trained(out / 'best.pt')
+    assert ck['spec']['roi'] == {'size': 48, 'spacing_mm': 1.2}, ck['spec']
+    roi = spec_roi(ck['spec'])
+    assert roi == RoiConfig(size=48, spacing_mm=1.2)
+    hu, (rows, cols) = roi_inputs(np.full((4, 64, 64), -800, np.float32), [1, 2], (32., 32.), (0.8, 0.8), roi)
+    assert hu.shape == (2, 48, 48) and abs((rows[1] - rows[0]) * 0.8 - 1.2) < 1e-6   # 48 px of 1.2 mm on a 0.8 mm scan
+    js = tmp_path / 'metrics.json'
+    lungseg('evaluate', '--checkpoint', out / 'best.pt', '--data', case_folder, '--out', js, '--device', 'cpu', '--threads', 1, cwd=tmp_path)
+    got = json.loads(js.read_text())
+    assert got['n_cases'] == 8 and got['model']['roi'] == {'size': 48, 'spacing_mm': 1.2}
+    scan = sorted((case_folder / 'images').iterdir())[0]
+    lungseg('segment', '--checkpoint', out / 'best.pt', '--ct', scan, '--at=32,32,16', '--voxel', '--out', tmp_path / 'seg', '--threads', 1, cwd=tmp_path)
+    assert (tmp_path / 'seg' / 'labels.nii.gz').is_file()
+    r = lungseg('train', '--data', case_folder, '--roi-size', 40, '--out', tmp_path / 'bad', cwd=tmp_path, check=False)
+    assert r.returncode == 2 and '--roi-size must be a multiple of 16' in r.stderr, r.stderr
+    assert not (tmp_path / 'bad').exists()
+
+
 def test_planes_train_evaluate(tmp_path, case_folder):
     "--planes all (not in the paper): training slices from three planes at the axial run's steps per epoch; evaluate averages three views."
     import torch
