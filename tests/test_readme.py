@@ -64,6 +64,19 @@ def test_readme_flow_table_is_the_saved_run():
     assert table in readme, f'README lacks the table of its own commands:\n{table}'
 
 
+def test_readme_cv5_table_is_the_saved_run():
+    "README's five-fold table of all 100 nodules is computed from the saved lungseg evaluate files of every fold and training seed."
+    from lungseg.experiments import evaluation_result, results_table, markdown_table
+    readme, cv5 = (ROOT / 'README.md').read_text(), ROOT / 'nbs' / 'results' / 'lidc' / 'cv5'
+    rows = {'Proposed, instance norm in the segmenter, all planes, cosine': ('prop_cos', (0, 1, 2)),
+            'MONAI BasicUNet, all planes, cosine': ('monai_planes_cos', (0, 1, 2)), 'UNet, all planes, cosine': ('unet_cos', (0, 1))}
+    files = lambda run, seed: [cv5 / f"{run}{f'_s{seed}' if seed else ''}_f{i}+keep_centre.json" for i in range(5)]
+    res = evaluation_result({label: [files(run, s) for s in seeds] for label, (run, seeds) in rows.items()})
+    assert res.test.case_id.nunique() == 100
+    table = markdown_table(results_table(res))
+    assert table in readme, f'README lacks the five-fold table:\n{table}'
+
+
 def test_split_holds_out_the_readme_test_nodules(tmp_path):
     "lungseg split --data lidc, with its defaults, writes the 80 training and the 20 test nodules the README's table used."
     from lungseg.cli import main
