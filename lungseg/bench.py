@@ -494,7 +494,7 @@ def bench_segment(shape: tuple = (300, 512, 512),     # scan size (z, y, x)
     vol = CTVolume(arr, spacing, (-180., -180., -300.))
     net = build_model(model, preset).eval()
     if worst_case: net = _AllNodule(net)
-    roi = RoiConfig.paper() if preset == 'paper' else RoiConfig.small()
+    roi = RoiConfig.from_preset(preset)
     icfg = InferConfig(keep_centre=True, planes=planes)
     segment_ct(net, vol, idx[:1].astype(float), roi, icfg, voxel=True, progress=False)   # warm-up
     t0 = time.perf_counter()

@@ -365,7 +365,7 @@ def _roi_override(a, preset: str) -> dict|None:
     "The ROI that --roi-size and --roi-mm set over the preset's (`RoiConfig` fields, stored as the spec's `roi`), or None: the preset's own."
     if a.roi_size is None and a.roi_mm is None: return None
     from lungseg.data import RoiConfig
-    base = RoiConfig.paper() if preset == 'paper' else RoiConfig.small()
+    base = RoiConfig.from_preset(preset)
     size = a.roi_size or base.size
     if size % 16: raise ValueError(f"--roi-size must be a multiple of 16 (the models halve the ROI four times), got {size}.")
     return dict(size=size, spacing_mm=a.roi_mm if a.roi_mm is not None else base.spacing_mm)

@@ -652,6 +652,11 @@ class RoiConfig:
         "128 x 128 px at native spacing, as in the paper."
         return cls(size=128, spacing_mm=None)
 
+    @classmethod
+    def from_preset(cls, preset: str):
+        "The ROI of a model preset: `paper()` for 'paper', `small()` otherwise."
+        return cls.paper() if preset == 'paper' else cls.small()
+
 # %% ../nbs/01_data.ipynb #c064
 @dataclass
 class SliceSet:

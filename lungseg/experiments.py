@@ -131,7 +131,7 @@ TABLES = {
 
 # %% ../nbs/09_experiments.ipynb #081ba29d
 def _roi(preset: str, context: int = 0) -> RoiConfig:
-    return replace(RoiConfig.paper() if preset == 'paper' else RoiConfig.small(), context=context)
+    return replace(RoiConfig.from_preset(preset), context=context)
 
 def slice_datasets(cases: list, train_idx, val_idx, roi_cfg: RoiConfig,
                    augment: Optional[dict] = None,  # extra `SliceDataset` switches for the training slices

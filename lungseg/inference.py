@@ -68,7 +68,7 @@ def roi_inputs(array: np.ndarray,   # the scan (z, y, x) in HU
 def spec_roi(spec: dict) -> RoiConfig:
     "The `RoiConfig` a model described by a checkpoint's `spec` was trained on: its ROI (a preset's name, or the size and pixel spacing of `lungseg train --roi-size/--roi-mm`), and context k from its input channels 1 + 2k."
     r = spec.get('roi', spec.get('preset', 'small'))
-    roi = RoiConfig(**r) if isinstance(r, dict) else RoiConfig.paper() if r == 'paper' else RoiConfig.small()
+    roi = RoiConfig(**r) if isinstance(r, dict) else RoiConfig.from_preset(r)
     in_ch = int((spec.get('overrides') or {}).get('in_ch', 1))
     return replace(roi, context=(in_ch - 1) // 2)
 

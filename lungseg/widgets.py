@@ -270,7 +270,7 @@ def load_or_train(cfg: Optional[CompareConfig] = None, # what to compare; defaul
     tv, te = holdout_split(groups, cfg.test_frac, cfg.seed)
     tv = np.asarray(tv)
     tr, va = holdout_split([groups[i] for i in tv], cfg.val_frac, cfg.seed)
-    roi = RoiConfig.paper() if cfg.preset == 'paper' else RoiConfig.small()
+    roi = RoiConfig.from_preset(cfg.preset)
     train_ds, val_ds = slice_datasets(cases, tv[np.asarray(tr)], tv[np.asarray(va)], roi, planes=cfg.planes)
     tcfg = TrainConfig.small(epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed, device=device, val_every=cfg.val_every,
                              progress=cfg.progress, live_plot=False, step_every=max(1, cfg.epochs // 3), **({'schedule': cfg.schedule} if cfg.schedule else {}))
