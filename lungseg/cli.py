@@ -46,6 +46,13 @@ def _positive(s: str) -> float:
     if not (np.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"must be a positive number, e.g. 1e-3; got {s}")
     return v
 
+def _amount(s: str) -> float:
+    "An argparse `type=` for an augmentation's strength: a number from 0 (none) up to, not including, 1."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number from 0 to below 1, got {s!r}") from None
+    if not 0 <= v < 1: raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, e.g. 0.1; got {s}")
+    return v
+
 # %% ../nbs/09a_cli.ipynb #6bb20c4b
 def default_threads() -> int:
     "Default torch CPU threads: the cores this process may use, minus one (at least 1), so a busy neighbour cannot stall OpenMP."
@@ -169,6 +176,14 @@ def _add_train_parser(sub):
     t.add_argument('--roi-mm', type=_positive, default=None, metavar='MM',
                    help="ROI pixel size in mm (not in the paper; default the preset's: small 0.8, paper the scan's own). "
                         "Finer pixels show a small nodule's edge in more pixels; the field of view is --roi-size x --roi-mm")
+    t.add_argument('--rot90', action='store_true',
+                   help="augmentation (not in the paper): also turn each training slice by a random multiple of 90 degrees")
+    t.add_argument('--scale', type=_amount, default=0., metavar='S',
+                   help="augmentation (not in the paper): zoom each training slice about its centre by a random factor in "
+                        "[1-S, 1+S], e.g. 0.15 (default: none)")
+    t.add_argument('--intensity', type=_amount, default=0., metavar='I',
+                   help="augmentation (not in the paper): scale the contrast of each training slice's [0, 1] image by a random "
+                        "factor in [1-I, 1+I] and shift it by up to I/2, e.g. 0.1 (default: none)")
     t.add_argument('--init', default=None, help='start from the weights of this checkpoint (transfer learning)')
     t.add_argument('--freeze', nargs='*', default=[], help='proposed model: groups to freeze (S1 S5 S9 C1 FC), with --init')
     _add_common(t)
@@ -361,6 +376,10 @@ def _norm_overrides(a) -> dict:
         raise ValueError(f"--cls-norm sets the proposed model's classifier; {a.model} has no classifier.")
     return {k: v for k, v in (('norm', a.norm), ('cls_norm', a.cls_norm)) if v}
 
+def _augment_options(a) -> dict|None:
+    "The `SliceDataset` augmentations that --rot90, --scale and --intensity add to the paper's flips (stored as the spec's `augment`), or None."
+    return {k: v for k, v in (('rot90', a.rot90), ('scale', a.scale), ('intensity', a.intensity)) if v} or None
+
 def _roi_override(a, preset: str) -> dict|None:
     "The ROI that --roi-size and --roi-mm set over the preset's (`RoiConfig` fields, stored as the spec's `roi`), or None: the preset's own."
     if a.roi_size is None and a.roi_mm is None: return None
@@ -370,12 +389,23 @@ def _roi_override(a, preset: str) -> dict|None:
     if size % 16: raise ValueError(f"--roi-size must be a multiple of 16 (the models halve the ROI four times), got {size}.")
     return dict(size=size, spacing_mm=a.roi_mm if a.roi_mm is not None else base.spacing_mm)
 
+_RUN_OPTIONS = ('model', 'preset', 'norm', 'cls_norm', 'recipe', 'schedule', 'val_frac', 'lr', 'no_std', 'context', 'planes',
+                'roi_size', 'roi_mm', 'rot90', 'scale', 'intensity', 'init', 'freeze', 'seed', 'batch_size')   # what a run is; --resume takes them from last.pt
+
+def _ignored_on_resume(a) -> list:
+    "The options that shape a run (`_RUN_OPTIONS`) given in `a` with other than their default value, as flags: --resume does not read them."
+    d = build_parser().parse_args(['train', '--data', '-', '--out', '-'])
+    return ['--' + k.replace('_', '-') for k in _RUN_OPTIONS if getattr(a, k) != getattr(d, k)]
+
 def _train_setup(a, out: Path) -> tuple:
     "(spec, TrainConfig, val_frac, seed) of a new run, or of the run in --out that --resume continues."
     from lungseg.train import TrainConfig, model_spec, pick_device, load_checkpoint
     if a.resume:
         if not (out / 'last.pt').is_file():
             raise FileNotFoundError(f"Cannot resume: there is no {out / 'last.pt'}. Run without --resume to start training in {out}.")
+        ignored = _ignored_on_resume(a)
+        if ignored: print(f"Note: {', '.join(ignored)} not read with --resume: the run continues with the options it began with "
+                          f"(stored in {out / 'last.pt'}); only --epochs, --device, --workers and --threads apply.", file=sys.stderr)
         ck = load_checkpoint(out / 'last.pt')
         spec, cfg = ck['spec'], TrainConfig.from_dict(ck['config'])
         cfg = replace(cfg, device=a.device, num_workers=a.workers, **({'epochs': a.epochs} if a.epochs is not None else {}))
@@ -390,6 +420,7 @@ def _train_setup(a, out: Path) -> tuple:
         std = False if (a.no_std or recipe == 'pretrain') else None
         spec = dict(model_spec(a.model, preset, roi=_roi_override(a, preset), std_enabled=std, **_norm_overrides(a), **({'in_ch': 1 + 2 * a.context} if a.context else {})),
                     val_frac=a.val_frac, split_seed=a.seed, data=str(a.data), train_planes=a.planes)
+        if _augment_options(a): spec['augment'] = _augment_options(a)   # resume and the evaluate JSON read it here
         val_frac, seed = a.val_frac, a.seed
         if (out / 'last.pt').exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): add --resume to continue it, or choose another --out.")
@@ -442,9 +473,10 @@ def cmd_train(a) -> int:
     if not any(_has_nodule(cases[i]) for i in va):
         raise ValueError(f"None of the {len(va)} validation case(s) has a nodule, so there is no validation Dice to pick "
                          f"best.pt by. Use a larger --val-frac (now {val_frac}) or another --seed (it shuffles the split), or add cases with nodules.")
-    tr_ds, va_ds = slice_datasets(cases, tv, va, spec_roi(spec), planes=a.planes)
+    tr_ds, va_ds = slice_datasets(cases, tv, va, spec_roi(spec), augment=spec.get('augment'), planes=a.planes)
     cfg = axial_steps(cfg, tr_ds, a.planes)
-    print(f"{len(cases)} cases: {len(tv)} training ({len(tr_ds)} slices), {len(va)} validation ({len(va_ds)} slices)")
+    print(f"{len(cases)} cases: {len(tv)} training ({len(tr_ds)} slices), {len(va)} validation ({len(va_ds)} slices)"
+          + (f"; augmentation: flips and {spec['augment']}" if spec.get('augment') else ''))
     from lungseg.train import seed_everything
     seed_everything(cfg.seed)
     model = _init_model(a, spec)

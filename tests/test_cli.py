@@ -298,16 +298,17 @@ def test_norm_switches_train_evaluate(tmp_path, case_folder):
 
 
 def test_roi_size_train_evaluate_segment(tmp_path, case_folder):
-    "--roi-size/--roi-mm (not in the paper): the checkpoint records the ROI, and training, evaluate and segment all cut it."
+    "--roi-size/--roi-mm (not in the paper): the checkpoint records the ROI, and training, evaluate and segment all cut it; the augmentation switches are recorded too."
     import numpy as np
     from lungseg.train import load_trained
     from lungseg.inference import spec_roi, roi_inputs
     from lungseg.data import RoiConfig
     out = tmp_path / 'fine'
-    lungseg('train', '--data', case_folder, '--model', 'unet', '--epochs', 1, '--roi-size', 48, '--roi-mm', 1.2, '--device', 'cpu',
-            '--out', out, '--threads', 1, cwd=tmp_path)
+    r = lungseg('train', '--data', case_folder, '--model', 'unet', '--epochs', 1, '--roi-size', 48, '--roi-mm', 1.2, '--device', 'cpu',
+                '--rot90', '--scale', 0.1, '--out', out, '--threads', 1, cwd=tmp_path)
+    assert "augmentation: flips and {'rot90': True, 'scale': 0.1}" in r.stdout, r.stdout[-2000:]
     model, ck = load_trained(out / 'best.pt')
-    assert ck['spec']['roi'] == {'size': 48, 'spacing_mm': 1.2}, ck['spec']
+    assert ck['spec']['roi'] == {'size': 48, 'spacing_mm': 1.2} and ck['spec']['augment'] == {'rot90': True, 'scale': 0.1}, ck['spec']
     roi = spec_roi(ck['spec'])
     assert roi == RoiConfig(size=48, spacing_mm=1.2)
     hu, (rows, cols) = roi_inputs(np.full((4, 64, 64), -800, np.float32), [1, 2], (32., 32.), (0.8, 0.8), roi)
@@ -315,7 +316,7 @@ def test_roi_size_train_evaluate_segment(tmp_path, case_folder):
     js = tmp_path / 'metrics.json'
     lungseg('evaluate', '--checkpoint', out / 'best.pt', '--data', case_folder, '--out', js, '--device', 'cpu', '--threads', 1, cwd=tmp_path)
     got = json.loads(js.read_text())
-    assert got['n_cases'] == 8 and got['model']['roi'] == {'size': 48, 'spacing_mm': 1.2}
+    assert got['n_cases'] == 8 and got['model']['roi'] == {'size': 48, 'spacing_mm': 1.2} and got['model']['augment']['rot90'] is True
     scan = sorted((case_folder / 'images').iterdir())[0]
     lungseg('segment', '--checkpoint', out / 'best.pt', '--ct', scan, '--at=32,32,16', '--voxel', '--out', tmp_path / 'seg', '--threads', 1, cwd=tmp_path)
     assert (tmp_path / 'seg' / 'labels.nii.gz').is_file()
@@ -362,6 +363,7 @@ def test_ctrl_c_then_resume(tmp_path, case_folder):
     assert ck['epoch'] < 4
     r = lungseg(*args, '--resume', cwd=tmp_path)
     assert 'Resuming' in r.stdout
+    assert 'Note: --model, --schedule not read with --resume' in r.stderr, r.stderr[-2000:]   # taken from last.pt, and said so
     done = torch.load(out / 'last.pt', weights_only=True)
     assert done['epoch'] == 4 and done['config']['schedule'] == 'cosine'
     from lungseg.train import cosine_factor   # the resumed run keeps the cosine schedule, epoch by epoch
