@@ -69,7 +69,7 @@ def test_readme_cv5_table_is_the_saved_run():
     from lungseg.experiments import evaluation_result, results_table, markdown_table
     readme, cv5 = (ROOT / 'README.md').read_text(), ROOT / 'nbs' / 'results' / 'lidc' / 'cv5'
     rows = {'Proposed, instance norm in the segmenter, all planes, cosine': ('prop_cos', (0, 1, 2)),
-            'MONAI BasicUNet, all planes, cosine': ('monai_planes_cos', (0, 1, 2)), 'UNet, all planes, cosine': ('unet_cos', (0, 1))}
+            'MONAI BasicUNet, all planes, cosine': ('monai_planes_cos', (0, 1, 2)), 'UNet, all planes, cosine': ('unet_cos', (0, 1, 2))}
     files = lambda run, seed: [cv5 / f"{run}{f'_s{seed}' if seed else ''}_f{i}+keep_centre.json" for i in range(5)]
     res = evaluation_result({label: [files(run, s) for s in seeds] for label, (run, seeds) in rows.items()})
     assert res.test.case_id.nunique() == 100
