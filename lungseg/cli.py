@@ -82,6 +82,9 @@ def _add_switches(p, keep_centre: bool = True):
                        help='keep only the 3D connected component at (or nearest) the centre of each case volume (a nodule cube is centred on its nodule)')
     p.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean over the slice and its two mirror images)')
     p.add_argument('--gate', action='store_true', help="empty every slice whose classifier probability c is below 0.5 (models with a classifier)")
+    p.add_argument('--seg-prior', action='store_true',
+                   help="not in the paper: give the STD head's size prior the highest probability a first pass of the segmenter puts in each "
+                        "slice instead of the classifier's c (the proposed model; two passes)")
     p.add_argument('--planes', choices=['axial', 'all'], default=None,
                    help="'all' (not in the paper): average the probabilities of axial, coronal and sagittal slices through each voxel "
                         "(default: the planes the checkpoint was trained on, as lungseg train chose its threshold with them; else axial)")
@@ -120,7 +123,7 @@ def _load_models(paths: list, device='cpu') -> tuple:
 
 def _switches(a) -> dict:
     "The `InferConfig` fields that `_add_switches`'s options set."
-    return dict(keep_centre=getattr(a, 'keep_centre', False), tta_flip=a.tta, gate_cls=a.gate, planes=a.planes)
+    return dict(keep_centre=getattr(a, 'keep_centre', False), tta_flip=a.tta, gate_cls=a.gate, planes=a.planes, seg_prior=a.seg_prior)
 
 # %% ../nbs/09a_cli.ipynb #953146ad
 def _add_quickstart_parser(sub):

@@ -33,7 +33,7 @@ __all__ = ['THRESHOLDS', 'InferConfig', 'roi_inputs', 'spec_roi', 'channels_last
 # %% ../nbs/12_segment.ipynb #9409cd7e
 @dataclass
 class InferConfig:
-    "How trained models are applied: threshold, HU window, batching, and four optional switches (all off by default)."
+    "How trained models are applied: threshold, HU window, batching, and five optional switches (all off by default)."
     threshold: float = 0.5          # probability above which a pixel is nodule
     window: tuple = (-1200, 400)    # HU window of Eq. 6 (the `SliceDataset` default)
     batch_size: int = 16            # ROI slices per forward pass
@@ -42,6 +42,7 @@ class InferConfig:
     gate_cls: bool = False          # slice gating: a slice whose classifier c < 0.5 is empty (models with a classifier)
     keep_centre: bool = False       # keep only the 3D connected component at (or nearest) the ROI centre
     planes: str = 'axial'           # 'axial': the paper's axial slices; 'all': mean probability of the axial, coronal and sagittal views
+    seg_prior: bool = False         # not in the paper: the size prior's c of each slice from a first pass of the segmenter (its highest probability there), not the classifier
 
     def __post_init__(self):
         if not 0 < self.threshold < 1: raise ValueError(f"InferConfig.threshold must be in (0, 1), got {self.threshold}")
@@ -82,11 +83,11 @@ def _from_roi(prob: np.ndarray, rows, cols, shape_yx) -> tuple:
 
 # %% ../nbs/12_segment.ipynb #38da4adc
 def _model_out(m, xb, amp: bool, c_fixed=None) -> SegOutput:
-    "One forward pass in float32 outputs; `c_fixed` (0/1 per slice) replaces the classifier's logit (oracle c)."
+    "One forward pass in float32 outputs; `c_fixed` (a value v in [0, 1] per slice) replaces the classifier's logit by 60v - 30 (oracle c: 0/1)."
     hook = None
     if c_fixed is not None:   # oracle c: the true label replaces the classifier's logit (+-30: c = 1 or 0)
         fc = getattr(getattr(_unwrap(m), 'classifier', None), 'fc', None)
-        if fc is None: raise ValueError(f"{type(_unwrap(m)).__name__} has no classifier prior c to replace (oracle c needs the proposed model).")
+        if fc is None: raise ValueError(f"{type(_unwrap(m)).__name__} has no classifier prior c to replace (oracle c needs the proposed model, as does seg_prior).")
         lab = torch.as_tensor(np.asarray(c_fixed), dtype=torch.float32, device=xb.device)
         hook = fc.register_forward_hook(lambda mod, inp, o: (lab.view(o.shape) * 60 - 30).to(o.dtype))
     try:
@@ -102,6 +103,10 @@ def channels_last(models):
     try: yield models
     finally:
         for m in models: m.to(memory_format=torch.contiguous_format)
+
+def _first_pass_c(m, xb, amp: bool) -> np.ndarray:
+    "Per ROI slice of `xb`, the highest nodule probability a first pass of `m` gives it: the segmenter's own c (`InferConfig.seg_prior`)."
+    return torch.sigmoid(_model_out(m, xb, amp).seg).amax(dim=(1, 2, 3)).float().cpu().numpy()
 
 @torch.inference_mode()
 def run_models(models,                 # a model or a list of models (ensemble: mean of probabilities)
@@ -125,8 +130,10 @@ def run_models(models,                 # a model or a list of models (ensemble: 
         for mod in was: mod.training = False
         for s in range(0, len(x), icfg.batch_size):
             xb = x[s:s + icfg.batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            c_fixed = None if c_oracle is None else c_oracle[s:s + icfg.batch_size]
+            if icfg.seg_prior and c_fixed is None: c_fixed = _first_pass_c(m, xb, icfg.amp)   # two passes: the prior from the segmenter
             for f in flips:
-                out = _model_out(m, xb.flip(f) if f else xb, icfg.amp, None if c_oracle is None else c_oracle[s:s + icfg.batch_size])
+                out = _model_out(m, xb.flip(f) if f else xb, icfg.amp, c_fixed)
                 p = torch.sigmoid(out.seg)
                 prob[s:s + len(xb)] += (p.flip(f) if f else p)[:, 0].cpu().numpy() / (len(models) * len(flips))
                 if out.cls is not None: cls[s:s + len(xb)] += torch.sigmoid(out.cls).cpu().numpy().reshape(-1) / len(flips)

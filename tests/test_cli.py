@@ -244,12 +244,12 @@ def test_train_then_evaluate(tmp_path, case_folder):
     dices = [c['dice'] for c in res['per_case'] if c['dice'] is not None]
     assert all(0 <= d <= 1 for d in dices)
     if dices: assert abs(res['mean']['dice'] - sum(dices) / len(dices)) < 1e-9
-    assert res['switches'] == dict(keep_centre=False, tta_flip=False, gate_cls=False, planes='axial')
+    assert res['switches'] == dict(keep_centre=False, tta_flip=False, gate_cls=False, planes='axial', seg_prior=False)
     assert res['threshold'] == tuned['threshold'] and 'validation' in res['threshold_source'], res['threshold_source']
     kc = tmp_path / 'metrics_kc.json'   # the post-processing switches reach the scoring
     lungseg('evaluate', '--checkpoint', out / 'best.pt', '--data', case_folder, '--out', kc, '--device', 'cpu', '--keep-centre', '--tta', cwd=tmp_path)
     res_kc = json.loads(kc.read_text())
-    assert res_kc['switches'] == dict(keep_centre=True, tta_flip=True, gate_cls=False, planes='axial')
+    assert res_kc['switches'] == dict(keep_centre=True, tta_flip=True, gate_cls=False, planes='axial', seg_prior=False)
     assert [c['case_id'] for c in res_kc['per_case']] == [c['case_id'] for c in res['per_case']]
     two = tmp_path / 'metrics_two.json'   # two checkpoints are one ensemble; the same one twice scores as it alone
     lungseg('evaluate', '--checkpoint', out / 'best.pt', out / 'best.pt', '--data', case_folder, '--out', two, '--device', 'cpu', cwd=tmp_path)
