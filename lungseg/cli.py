@@ -32,26 +32,20 @@ def _int_at_least(lo: int):
     parse.__name__ = f'whole number >= {lo}'
     return parse
 
-def _fraction(s: str) -> float:
-    "An argparse `type=` for a fraction strictly between 0 and 1."
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s!r}") from None
-    if not 0 < v < 1: raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), e.g. 0.2; got {s}")
-    return v
+def _number(ok, must: str, expected: str = 'a number', doc: str = ''):
+    "An argparse `type=` for floats that `ok` accepts; the errors say what was expected and what the value must be."
+    def parse(s: str) -> float:
+        try: v = float(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not ok(v): raise argparse.ArgumentTypeError(f"must be {must}; got {s}")
+        return v
+    parse.__doc__ = doc
+    return parse
 
-def _positive(s: str) -> float:
-    "An argparse `type=` for a finite number > 0 (a learning rate)."
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not (np.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"must be a positive number, e.g. 1e-3; got {s}")
-    return v
-
-def _amount(s: str) -> float:
-    "An argparse `type=` for an augmentation's strength: a number from 0 (none) up to, not including, 1."
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number from 0 to below 1, got {s!r}") from None
-    if not 0 <= v < 1: raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, e.g. 0.1; got {s}")
-    return v
+_fraction = _number(lambda v: 0 < v < 1, 'between 0 and 1 (exclusive), e.g. 0.2', 'a number between 0 and 1', 'A fraction strictly between 0 and 1.')
+_positive = _number(lambda v: np.isfinite(v) and v > 0, 'a positive number, e.g. 1e-3', doc='A finite number > 0 (a learning rate).')
+_amount = _number(lambda v: 0 <= v < 1, 'at least 0 and below 1, e.g. 0.1', 'a number from 0 to below 1',
+                  "An augmentation's strength: from 0 (none) up to, not including, 1.")
 
 # %% ../nbs/09a_cli.ipynb #6bb20c4b
 def default_threads() -> int:
@@ -423,7 +417,7 @@ def _train_setup(a, out: Path) -> tuple:
         std = False if (a.no_std or recipe == 'pretrain') else None
         spec = dict(model_spec(a.model, preset, roi=_roi_override(a, preset), std_enabled=std, **_norm_overrides(a), **({'in_ch': 1 + 2 * a.context} if a.context else {})),
                     val_frac=a.val_frac, split_seed=a.seed, data=str(a.data), train_planes=a.planes)
-        if _augment_options(a): spec['augment'] = _augment_options(a)   # resume and the evaluate JSON read it here
+        if aug := _augment_options(a): spec['augment'] = aug   # resume and the evaluate JSON read it here
         val_frac, seed = a.val_frac, a.seed
         if (out / 'last.pt').exists():
             raise FileExistsError(f"{out} already holds a run (last.pt): add --resume to continue it, or choose another --out.")

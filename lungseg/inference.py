@@ -106,7 +106,7 @@ def channels_last(models):
 
 def _first_pass_c(m, xb, amp: bool) -> np.ndarray:
     "Per ROI slice of `xb`, the highest nodule probability a first pass of `m` gives it: the segmenter's own c (`InferConfig.seg_prior`)."
-    return torch.sigmoid(_model_out(m, xb, amp).seg).amax(dim=(1, 2, 3)).float().cpu().numpy()
+    return torch.sigmoid(_model_out(m, xb, amp).seg).amax(dim=(1, 2, 3)).cpu().numpy()
 
 @torch.inference_mode()
 def run_models(models,                 # a model or a list of models (ensemble: mean of probabilities)
