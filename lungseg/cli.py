@@ -58,16 +58,20 @@ _THREADS_HELP = ("CPU threads for torch (default: the cores this process may use
                  f"{default_threads()}). All threads wait for each other at every step, so one core taken by another "
                  "program stalls them all; on a shared machine give the number of cores that are yours")
 
+def _add_device(p):
+    "--device and --threads: where a command runs, and on how many CPU threads."
+    p.add_argument('--device', default='auto', help="'auto' (CUDA, then Apple MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    p.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
+
 def _add_common(p, model=True, out_default=None):
     p.add_argument('--preset', choices=['small', 'paper'], default=None,
                    help="model, ROI and recipe size: 'small' (laptop CPU: small widths, 64 px ROIs, short recipe) or "
                         "'paper' (the paper's models, 128 px ROIs, 50 epochs; for a GPU). Default: small on CPU, paper on a GPU")
     p.add_argument('--epochs', type=_int_at_least(1), default=None, help="training epochs (default: the preset's)")
-    p.add_argument('--device', default='auto', help="'auto' (CUDA, then Apple MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     p.add_argument('--seed', type=_int_at_least(0), default=0, help='seed of the split, the initialisation and the batches (default 0)')
     p.add_argument('--batch-size', type=_int_at_least(1), default=None, help='global batch size (default 10, as in the paper)')
     p.add_argument('--workers', type=_int_at_least(0), default=0, help='DataLoader worker processes (default 0: load in the main process)')
-    p.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
+    _add_device(p)
 
 def _add_switches(p, keep_centre: bool = True):
     "The post-processing switches of `InferConfig` (`12_segment`), off unless given, as in the paper."
@@ -131,9 +135,8 @@ def _add_quickstart_parser(sub):
     q.add_argument('--epochs', type=_int_at_least(1), default=8, help='training epochs per model (default 8)')
     q.add_argument('--models', nargs='+', choices=MODEL_CHOICES, default=['proposed', 'unet'], metavar='MODEL',
                    help=f"models to compare, of {', '.join(MODEL_CHOICES)} (default: proposed unet)")
-    q.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
     q.add_argument('--seed', type=_int_at_least(0), default=0, help='seed of the phantoms, split and training (default 0)')
-    q.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
+    _add_device(q)
     return q
 
 # %% ../nbs/09a_cli.ipynb #41fb142a
@@ -199,8 +202,7 @@ def _add_evaluate_parser(sub):
     _add_switches(e)
     _add_threshold(e)
     e.add_argument('--out', default=None, help='JSON file to write (default: print to stdout only)')
-    e.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
-    e.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
+    _add_device(e)
     return e
 
 # %% ../nbs/09a_cli.ipynb #d410f5c7
@@ -246,8 +248,7 @@ def _add_segment_parser(sub):
     s.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
     _add_switches(s, keep_centre=False)   # segment always keeps the component at each marked point
     _add_threshold(s)
-    s.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'mps'")
-    s.add_argument('--threads', type=_int_at_least(1), default=None, help=_THREADS_HELP)
+    _add_device(s)
     return s
 
 def _at_point(text: str):
